@@ -1,0 +1,165 @@
+"""The public explain API: samples in, :class:`Explanation` objects out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from dexar import tracing
+from dexar.adapters import DexarInputError, VLMAdapter, get_adapter
+from dexar.explanation import Explanation
+from dexar.generation import generate_answers
+from dexar.methods import Method, build_method
+from dexar.schema import Sample
+
+ANSWER_SOURCES = ("ground_truth", "generate")
+
+
+class Explainer:
+    """Explains batches of samples with several methods sharing one trace.
+
+    Args:
+        model: A supported VLM (see :data:`dexar.adapters.ADAPTERS`).
+        processor: Its processor.
+        methods: Method instances by name; default ``{"dexar": DexAR()}``.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, methods: Mapping[str, Method] | None = None) -> None:
+        self.adapter: VLMAdapter = get_adapter(model, processor)
+        self.methods: dict[str, Method] = dict(methods) if methods else {"dexar": build_method("dexar")}
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Union of what the methods need from the trace."""
+        return frozenset().union(*(m.needs for m in self.methods.values()))
+
+    def answer_ids(
+        self, samples: list[Sample], answer_source: str, max_new_tokens: int, keep_eos: bool
+    ) -> tuple[list[list[int]], list[str]]:
+        """Answer token ids and texts: the ground truth (teacher forcing) or greedy generations.
+
+        A sample without a ground-truth answer is always generated.
+        """
+        if answer_source not in ANSWER_SOURCES:
+            raise ValueError(f"answer_source must be one of {ANSWER_SOURCES}, got {answer_source!r}")
+        ids: list[list[int] | None] = [None] * len(samples)
+        texts: list[str] = [""] * len(samples)
+        to_generate = [i for i, s in enumerate(samples) if answer_source == "generate" or s.answer is None]
+        if to_generate:
+            generated = generate_answers(self.adapter, [samples[i] for i in to_generate], max_new_tokens, keep_eos)
+            for i, g in zip(to_generate, generated, strict=True):
+                ids[i], texts[i] = g.ids, g.text
+        eos = self.adapter.tokenizer.eos_token_id
+        for i, s in enumerate(samples):
+            if ids[i] is None:
+                ids[i] = self.adapter.tokenize_answer(s.answer or "") + ([eos] if keep_eos else [])
+                texts[i] = (s.answer or "").strip()
+        return [list(x) for x in ids if x is not None], texts
+
+    def explain_samples(
+        self,
+        samples: list[Sample],
+        answer_source: str = "ground_truth",
+        max_new_tokens: int = 32,
+        keep_eos: bool = False,
+        keep_images: bool = True,
+    ) -> dict[str, list[Explanation]]:
+        """Explain a batch: one trace (one forward + at most one backward), every method on it."""
+        device = next(self.adapter.model.parameters()).device
+        answer_ids, texts = self.answer_ids(samples, answer_source, max_new_tokens, keep_eos)
+        prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
+        batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
+        trace = tracing.run(self.adapter, batch, self.needs)
+        results: dict[str, list[Explanation]] = {}
+        for name, method in self.methods.items():
+            out = method(trace)
+            per_sample = []
+            for b, sample in enumerate(samples):
+                length = int(batch.answer_lengths[b])
+                t_max = batch.answer_ids.shape[1]
+                sl = slice(t_max - length, t_max)
+                per_sample.append(
+                    Explanation(
+                        tokens=self.adapter.decode_tokens(answer_ids[b]),
+                        token_ids=list(answer_ids[b]),
+                        token_maps=out.token_maps[b, sl].detach().cpu(),
+                        token_weights=out.token_weights[b, sl].detach().cpu(),
+                        sequence_map=out.sequence_map[b].detach().cpu(),
+                        inputs=batch.sample_inputs(b),
+                        answer_positions=self._positions(batch, b),
+                        method=name,
+                        options=_options(method),
+                        token_empty=out.token_empty[b, sl].detach().cpu(),
+                        sequence_empty=bool(out.sequence_empty[b]),
+                        answer=texts[b],
+                        image=sample.image if keep_images else None,
+                        sample_id=sample.id,
+                    )
+                )
+            results[name] = per_sample
+        return results
+
+    @staticmethod
+    def _positions(batch: tracing.TeacherForcedBatch, index: int) -> torch.Tensor:
+        """Answer positions in the unpadded ``input_ids`` of one sample."""
+        pad = int((batch.inputs["attention_mask"][index] == 0).sum())
+        return (batch.answer_positions(index) - pad).cpu()
+
+
+def _options(method: Method) -> dict[str, Any]:
+    fields = getattr(method, "__dataclass_fields__", {})
+    return {k: getattr(method, k) for k in fields}
+
+
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """Open an image path (any mode) with a one-line error if it cannot be decoded."""
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise DexarInputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DexarInputError(f"cannot decode image {path}: {err}") from err
+
+
+def explain(
+    model: nn.Module,
+    processor: Any,
+    image: str | Path | Image.Image,
+    prompt: str,
+    answer: str | None = None,
+    method: str = "dexar",
+    *,
+    max_new_tokens: int = 32,
+    keep_eos: bool = False,
+    **options: Any,
+) -> Explanation:
+    """Explain which image regions drive each token of a VLM's answer.
+
+    Args:
+        model: A supported VLM (LLaVA-1.5, BakLLaVA, the bundled Shapes model, ...).
+        processor: Its processor.
+        image: PIL image (any mode) or path.
+        prompt: User prompt; the adapter applies the model's template.
+        answer: Answer to teacher-force; ``None`` generates one greedily.
+        method: Registered method name (``dexar``, ``attention``, ...).
+        max_new_tokens: Generation budget when ``answer`` is ``None``.
+        keep_eos: Include the end-of-sequence token among the explained tokens.
+        **options: Method options (e.g. ``head_filter="top-0.1"``, ``relu=False``).
+
+    Returns:
+        The :class:`Explanation` of the answer.
+    """
+    sample = Sample(id="input", image=open_image(image), prompt=prompt, answer=answer)
+    explainer = Explainer(model, processor, {method: build_method(method, **options)})
+    source = "generate" if answer is None else "ground_truth"
+    return explainer.explain_samples([sample], source, max_new_tokens, keep_eos)[method][0]

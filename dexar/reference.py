@@ -1,0 +1,117 @@
+"""Slow, obviously-correct references used by the tests and benchmarks.
+
+The naive DEX-AR gradient: a full eager forward (no detaching, full attention tensors), then one
+``autograd.grad`` call per layer and answer token of ``y_t^l`` w.r.t. the whole ``A^l``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from dexar.adapters.base import TeacherForcedBatch, VLMAdapter
+from dexar.tracing import _attn_implementation
+
+REFERENCE_NAME = "dexar_reference_eager"
+
+
+def reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Textbook attention in the input dtype (no float32 softmax), returning the probabilities used."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = query @ key.transpose(-1, -2) * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(REFERENCE_NAME, reference_attention_forward)
+AttentionMaskInterface.register(REFERENCE_NAME, eager_mask)
+
+
+def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g_t^l`` and ``A^l[:, p_t, :]`` for sample ``index`` of ``batch``, computed naively.
+
+    Returns:
+        ``(grads, attentions)``, each ``(L, H, T_b, N_b)`` over the sample's unpadded sequence.
+    """
+    model = adapter.model
+    inputs = batch.sample_inputs(index)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    n = inputs["input_ids"].shape[1]
+    length = int(batch.answer_lengths[index])
+    answer = inputs["input_ids"][0, n - length :]
+    layers = adapter.decoder_layers
+    outputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
+    try:
+        with _attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
+            out = adapter.model.model(**inputs, output_attentions=True, use_cache=False)
+            attentions = out.attentions
+            grads = torch.zeros(len(layers), attentions[0].shape[1], length, n, dtype=attentions[0].dtype, device=device)
+            rows = torch.zeros_like(grads)
+            for layer in range(len(layers)):
+                for t in range(length):
+                    p = n - length - 1 + t  # the position predicting answer token t
+                    h = adapter.final_norm(outputs[layer][0, p])
+                    y = (adapter.unembedding.weight[answer[t]] * h).sum()
+                    if getattr(adapter.unembedding, "bias", None) is not None:
+                        y = y + adapter.unembedding.bias[answer[t]]
+                    (g,) = torch.autograd.grad(y, attentions[layer], retain_graph=True)
+                    grads[layer, :, t] = g[0, :, p]
+                    rows[layer, :, t] = attentions[layer][0, :, p].detach()
+    finally:
+        for h in handles:
+            h.remove()
+    return grads, rows
+
+
+def naive_dexar(
+    grads: torch.Tensor,
+    image_positions: torch.Tensor,
+    text_positions: list[list[int]],
+    grid: tuple[int, int],
+    relu: bool = True,
+    filler_filter: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DEX-AR with the paper's max head filter, written loop by loop.
+
+    Args:
+        grads: ``(L, H, T, N)`` from :func:`naive_layer_grads`.
+        image_positions: ``(V,)`` image columns in grid order.
+        text_positions: Per answer token, the text columns of its predicting row.
+        grid: ``(h, w)``.
+
+    Returns:
+        ``(token_maps (T, h, w), token_weights (T,), sequence_map (h, w))``.
+    """
+    n_layers, n_heads, length, _ = grads.shape
+    maps, weights = [], []
+    for t in range(length):
+        raw = torch.zeros(len(image_positions), dtype=grads.dtype)
+        best_v, best_t = 0.0, 0.0
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                g = grads[layer, head, t]
+                g_v = g[image_positions]
+                m_v = max(float(x) for x in g_v.clamp(min=0))
+                m_t = max([float(g[j].clamp(min=0)) for j in text_positions[t]] or [0.0])
+                w = max(m_v - m_t, 0.0)
+                raw += w * (g_v.clamp(min=0) if relu else g_v)
+                best_v, best_t = max(best_v, m_v), max(best_t, m_t)
+        lo, hi = raw.min(), raw.max()
+        maps.append((raw - lo) / (hi - lo) if hi > lo else torch.zeros_like(raw))
+        weights.append(max(best_v - best_t, 0.0) if filler_filter else 1.0)
+    token_maps = torch.stack(maps).view(length, *grid)
+    token_weights = torch.tensor(weights, dtype=grads.dtype)
+    seq = (token_weights[:, None, None] * token_maps).sum(0)
+    lo, hi = seq.min(), seq.max()
+    seq = (seq - lo) / (hi - lo) if hi > lo else torch.zeros_like(seq)
+    return token_maps, token_weights, seq

@@ -1,0 +1,98 @@
+"""Random LLaVA models of any size built from the real ``transformers`` classes (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from dexar.shapes_model import build_shapes_tokenizer
+
+
+def random_llava(
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    grid: int = 4,
+    patch: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 1,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised LLaVA (CLIP tower + Llama) with the Shapes word tokenizer.
+
+    Args:
+        hidden: LLM hidden size.
+        layers: LLM decoder layers.
+        heads: LLM attention heads.
+        kv_heads: Key/value heads (GQA when fewer than ``heads``).
+        grid: Image-token grid side (``grid²`` image tokens).
+        patch: Vision patch size (image side = ``grid * patch``).
+        vision_hidden: Vision tower hidden size.
+        vision_layers: Vision tower layers.
+        dtype: Parameter dtype.
+        seed: Initialisation seed.
+        attn_implementation: Attention implementation of every sub-model.
+    """
+    tokenizer = build_shapes_tokenizer()
+    side = grid * patch
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 16),
+        image_size=side,
+        patch_size=patch,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=grid * grid,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        # Random init is tiny; scale it up so that attention is far from uniform.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.ndim == 2 and "embed" not in name:
+                    param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
