@@ -4,6 +4,7 @@ Examples:
     python train_eval.py predict                      # bundled Shapes model on Shapes, CPU
     python train_eval.py fit --config configs/shapes/fit.yaml
     python train_eval.py predict --config configs/demo.yaml --trainer.devices 2 --trainer.strategy ddp
+
 """
 
 from __future__ import annotations

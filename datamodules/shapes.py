@@ -51,9 +51,7 @@ def _place_objects(rng: np.random.Generator, count: int, size: int) -> list[tupl
                 r = float(rng.uniform(9.0, 14.0))
                 cx = float(rng.uniform(r + 1, size - r - 1))
                 cy = float(rng.uniform(r + 1, size - r - 1))
-                ok = all(
-                    np.hypot(cx - ox, cy - oy) > r + orad + 2 and abs(cx - ox) > 4 for ox, oy, orad in objs
-                )
+                ok = all(np.hypot(cx - ox, cy - oy) > r + orad + 2 and abs(cx - ox) > 4 for ox, oy, orad in objs)
                 if ok:
                     objs.append((cx, cy, r))
                     break
@@ -74,6 +72,7 @@ def make_shapes_sample(index: int, split: str = "test", seed: int = 0, task: str
 
     Returns:
         The sample, with per-object masks, content-word labels and the word → mask mapping.
+
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"Shapes split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
@@ -124,7 +123,12 @@ def make_shapes_sample(index: int, split: str = "test", seed: int = 0, task: str
         mask_labels=labels,
         word_is_content=is_content,
         word_mask_index=word_mask,
-        meta={"split": split, "index": index, "num_objects": len(placements), "task": "question" if use_question else "caption"},
+        meta={
+            "split": split,
+            "index": index,
+            "num_objects": len(placements),
+            "task": "question" if use_question else "caption",
+        },
     )
 
 
@@ -184,6 +188,7 @@ class ShapesDataModule(L.LightningDataModule):
         batch_size: Batch size of every loader.
         num_workers: DataLoader workers.
         seed: Base seed of all splits.
+
     """
 
     def __init__(

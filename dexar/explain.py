@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class Explainer:
         model: A supported VLM (see :data:`dexar.adapters.ADAPTERS`).
         processor: Its processor.
         methods: Method instances by name; default ``{"dexar": DexAR()}``.
+
     """
 
     def __init__(self, model: nn.Module, processor: Any, methods: Mapping[str, Method] | None = None) -> None:
@@ -112,8 +114,9 @@ class Explainer:
 
 
 def _options(method: Method) -> dict[str, Any]:
-    fields = getattr(method, "__dataclass_fields__", {})
-    return {k: getattr(method, k) for k in fields}
+    if not dataclasses.is_dataclass(method):
+        return {}
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
 
 
 def open_image(image: str | Path | Image.Image) -> Image.Image:
@@ -158,6 +161,7 @@ def explain(
 
     Returns:
         The :class:`Explanation` of the answer.
+
     """
     sample = Sample(id="input", image=open_image(image), prompt=prompt, answer=answer)
     explainer = Explainer(model, processor, {method: build_method(method, **options)})

@@ -31,6 +31,7 @@ class Explanation:
         answer: Answer text.
         image: The explained image (for overlays), if kept.
         sample_id: Id of the sample, if any.
+
     """
 
     tokens: list[str]
@@ -52,7 +53,9 @@ class Explanation:
         """Bilinearly upsample every map to ``size = (height, width)``; returns a new Explanation."""
         maps = torch.cat([self.token_maps, self.sequence_map[None]], dim=0)[:, None].float()
         up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
-        return replace(self, token_maps=up[:-1].to(self.token_maps.dtype), sequence_map=up[-1].to(self.sequence_map.dtype))
+        return replace(
+            self, token_maps=up[:-1].to(self.token_maps.dtype), sequence_map=up[-1].to(self.sequence_map.dtype)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary: tokens, weights, flags, method and options."""

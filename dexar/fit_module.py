@@ -28,6 +28,7 @@ class ShapesFitModule(L.LightningModule):
         init_seed: Seed of the weight initialisation.
         output_dir: Where the trained HF checkpoint is saved at the end of ``fit``.
         max_new_tokens: Generation budget for validation exact match.
+
     """
 
     def __init__(

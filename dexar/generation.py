@@ -32,6 +32,7 @@ def generate_answers(
         samples: Samples whose image and prompt are used.
         max_new_tokens: Generation budget.
         keep_eos: Keep the end-of-sequence token in ``ids`` when generated.
+
     """
     model = adapter.model
     device = next(model.parameters()).device

@@ -7,7 +7,6 @@ The naive DEX-AR gradient: a full eager forward (no detaching, full attention te
 from __future__ import annotations
 
 import torch
-
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -39,6 +38,7 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
 
     Returns:
         ``(grads, attentions)``, each ``(L, H, T_b, N_b)`` over the sample's unpadded sequence.
+
     """
     model = adapter.model
     inputs = batch.sample_inputs(index)
@@ -50,12 +50,17 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
     answer = inputs["input_ids"][0, n - length :]
     layers = adapter.decoder_layers
     outputs: list[torch.Tensor] = []
-    handles = [layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
+    handles = [
+        layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in layers
+    ]
     try:
         with _attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
             out = adapter.model.model(**inputs, output_attentions=True, use_cache=False)
             attentions = out.attentions
-            grads = torch.zeros(len(layers), attentions[0].shape[1], length, n, dtype=attentions[0].dtype, device=device)
+            grads = torch.zeros(
+                len(layers), attentions[0].shape[1], length, n, dtype=attentions[0].dtype, device=device
+            )
             rows = torch.zeros_like(grads)
             for layer in range(len(layers)):
                 for t in range(length):
@@ -88,9 +93,12 @@ def naive_dexar(
         image_positions: ``(V,)`` image columns in grid order.
         text_positions: Per answer token, the text columns of its predicting row.
         grid: ``(h, w)``.
+        relu: Apply ReLU to the image gradients in the map.
+        filler_filter: Token weights λ_t (else 1).
 
     Returns:
         ``(token_maps (T, h, w), token_weights (T,), sequence_map (h, w))``.
+
     """
     n_layers, n_heads, length, _ = grads.shape
     maps, weights = [], []

@@ -28,6 +28,7 @@ class Sample:
         word_mask_index: Per word of ``answer``: index into ``masks`` of the object it names, or -1.
         ignore_mask: ``(H, W)`` boolean pixels excluded from every metric (e.g. VOC boundaries).
         meta: Free-form metadata (class, question type, corruption, ...).
+
     """
 
     id: str

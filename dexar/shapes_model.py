@@ -37,8 +37,25 @@ PATCH_SIZE = 8
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = [
-    "user", ":", "assistant", "describe", "the", "image", ".", "what", "color", "shape", "is",
-    "object", "?", "i", "see", "a", "and", *COLORS, *SHAPES,
+    "user",
+    ":",
+    "assistant",
+    "describe",
+    "the",
+    "image",
+    ".",
+    "what",
+    "color",
+    "shape",
+    "is",
+    "object",
+    "?",
+    "i",
+    "see",
+    "a",
+    "and",
+    *COLORS,
+    *SHAPES,
 ]
 
 

@@ -42,6 +42,7 @@ def random_llava(
         dtype: Parameter dtype.
         seed: Initialisation seed.
         attn_implementation: Attention implementation of every sub-model.
+
     """
     tokenizer = build_shapes_tokenizer()
     side = grid * patch
@@ -87,9 +88,7 @@ def random_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        ),
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",

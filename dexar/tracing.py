@@ -69,7 +69,7 @@ def _answer_row_probs(
             scores = scores.masked_fill(~rows, float("-inf"))
         else:
             scores = scores + rows.to(work)
-    elif (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+    elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         # sdpa_mask returned None (pure causal fast path): apply causality to these rows ourselves.
         offset = n - query.shape[2]
         q_pos = torch.arange(start, stop, device=query.device)[:, None] + offset
@@ -125,6 +125,7 @@ class Trace:
         text_mask: ``(B, T, N)`` text columns of row ``p_t``: unmasked, non-image, at or before ``p_t``.
         answer_mask: ``(B, T)`` True for real answer tokens.
         grid: ``(h, w)`` of the image-token grid.
+
     """
 
     batch: TeacherForcedBatch
@@ -199,6 +200,7 @@ def run(adapter: VLMAdapter, batch: TeacherForcedBatch, needs: frozenset[str] | 
 
     Returns:
         The :class:`Trace`; tensors stay on the model's device.
+
     """
     unknown = set(needs) - NEEDS
     if unknown:

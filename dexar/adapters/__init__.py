@@ -17,12 +17,11 @@ def get_adapter(model: nn.Module, processor: Any) -> VLMAdapter:
 
     Raises:
         DexarInputError: The model type is not supported; the message lists the supported ones.
+
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
-        raise DexarInputError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise DexarInputError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type](model, processor)
 
 

@@ -23,6 +23,7 @@ class TeacherForcedBatch:
         answer_ids: ``(B, T)`` answer token ids, right-aligned; padding is ``-1``.
         answer_lengths: ``(B,)`` number of answer tokens of each sample.
         image_grid: ``(h, w)`` of the image-token grid (same for every sample of the batch).
+
     """
 
     inputs: dict[str, torch.Tensor]
@@ -112,7 +113,9 @@ class VLMAdapter:
         """Apply the model's prompt template (paper appendix B)."""
         return self.prompt_template.format(prompt=prompt)
 
-    def encode_prompts(self, images: list[Image.Image], prompts: list[str]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+    def encode_prompts(
+        self, images: list[Image.Image], prompts: list[str]
+    ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Encode images and prompts: unpadded prompt ids per sample and the batched image inputs."""
         raise NotImplementedError
 
@@ -150,7 +153,12 @@ class VLMAdapter:
                 answers[b, t_max - len(ans) :] = torch.tensor(ans)
         # Positions count real tokens only, so a left-padded sample is computed as if it were alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **image_inputs}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            **image_inputs,
+        }
         if device is not None:
             inputs = {k: v.to(device) for k, v in inputs.items()}
         lengths = torch.tensor([len(a) for a in answer_ids], dtype=torch.long)

@@ -13,9 +13,9 @@ from dexar.adapters.base import DexarInputError, VLMAdapter
 
 
 class LlavaAdapter(VLMAdapter):
-    """Decoder-only LLaVA: image features replace ``<image>`` placeholders in the LLM's input.
+    r"""Decoder-only LLaVA: image features replace ``<image>`` placeholders in the LLM's input.
 
-    Prompt template (paper appendix B): ``USER: <image>\\n{prompt} ASSISTANT:``. The image grid is
+    Prompt template (paper appendix B): ``USER: <image>\n{prompt} ASSISTANT:``. The image grid is
     square: 24×24 for LLaVA-1.5-336 (patch 14, CLS dropped), 8×8 for the Shapes model.
     """
 
@@ -64,9 +64,7 @@ class LlavaAdapter(VLMAdapter):
         for b, row in enumerate(ids):
             found = sum(1 for t in row if t == self.image_token_id)
             if found != expected:
-                raise DexarInputError(
-                    f"sample {b}: prompt holds {found} image tokens, the model expects {expected}"
-                )
+                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the model expects {expected}")
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:

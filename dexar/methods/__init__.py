@@ -16,10 +16,21 @@ def build_method(name: str, **options: Any) -> Method:
 
     Raises:
         ValueError: Unknown method name (the message lists the registered ones).
+
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)
 
 
-__all__ = ["HEAD_FILTERS", "METHODS", "DexAR", "Method", "MethodOutput", "RawAttention", "build_method", "finish", "minmax"]
+__all__ = [
+    "HEAD_FILTERS",
+    "METHODS",
+    "DexAR",
+    "Method",
+    "MethodOutput",
+    "RawAttention",
+    "build_method",
+    "finish",
+    "minmax",
+]

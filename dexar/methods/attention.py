@@ -17,6 +17,7 @@ class RawAttention:
 
     Args:
         layer: Use only this layer (index, negative allowed) instead of summing over all layers.
+
     """
 
     layer: int | None = None

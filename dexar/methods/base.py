@@ -20,6 +20,7 @@ class MethodOutput:
         sequence_map: ``(B, h, w)`` min-max normalised sequence map (zero where flagged).
         token_empty: ``(B, T)`` True where a token map had no visual evidence (constant raw map).
         sequence_empty: ``(B,)`` True where the weighted sum of token maps was constant.
+
     """
 
     token_maps: torch.Tensor
@@ -47,6 +48,7 @@ def minmax(maps: torch.Tensor, dims: int = 1) -> tuple[torch.Tensor, torch.Tenso
 
     Returns:
         ``(normalised, empty)`` where ``empty`` has the leading shape.
+
     """
     flat = maps.flatten(-dims) if dims > 1 else maps
     lo = flat.amin(-1, keepdim=True)

@@ -41,7 +41,11 @@ def _aggregate(values: torch.Tensor, mask: torch.Tensor | None, mode: str) -> to
         values = values * mask
     if mode == "max":
         return values.amax(-1)
-    count = (mask.expand_as(values).sum(-1) if mask is not None else torch.full(values.shape[:-1], values.shape[-1], device=values.device)).to(values.dtype)
+    count = (
+        mask.expand_as(values).sum(-1)
+        if mask is not None
+        else torch.full(values.shape[:-1], values.shape[-1], device=values.device)
+    ).to(values.dtype)
     if mode == "avg":
         return values.sum(-1) / count.clamp(min=1)
     p = float(mode.split("-", 1)[1])
@@ -64,6 +68,7 @@ class DexAR:
         layers: ``all`` (sum over layers) or ``last`` (last layer only).
         filler_filter: Weight tokens by ``λ_t`` in the sequence map (else ``λ_t = 1``).
         weight_by_attention: Multiply the filtered gradient by the attention (``A ⊙ ReLU(∇A)``).
+
     """
 
     head_filter: str = "max"
