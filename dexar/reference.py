@@ -54,6 +54,9 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
         layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
         for layer in layers
     ]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)  # nothing detached, nothing frozen: the textbook graph
     try:
         with _attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
             out = adapter.model.model(**inputs, output_attentions=True, use_cache=False)
@@ -75,6 +78,8 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
     finally:
         for h in handles:
             h.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
     return grads, rows
 
 

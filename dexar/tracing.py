@@ -16,6 +16,7 @@ every other row is computed by SDPA. Parameters never receive gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -136,6 +137,13 @@ class Trace:
     text_mask: torch.Tensor
     answer_mask: torch.Tensor
     grid: tuple[int, int]
+
+    def select_layers(self, layers: slice) -> Trace:
+        """The same trace restricted to some decoder layers (e.g. ``slice(-1, None)``: the last)."""
+        grads = self.grads[:, layers] if self.grads is not None else None
+        return dataclasses.replace(
+            self, attentions=self.attentions[:, layers], grads=grads, logit_lens=self.logit_lens[:, layers]
+        )
 
     def image_columns(self, values: torch.Tensor) -> torch.Tensor:
         """Gather the image columns of a ``(B, ..., N)`` tensor: ``(B, ..., V)`` in grid order."""

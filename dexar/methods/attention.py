@@ -26,8 +26,8 @@ class RawAttention:
     needs: ClassVar[frozenset[str]] = frozenset({"attention_rows"})
 
     def __call__(self, trace: Trace) -> MethodOutput:
-        attn = trace.attentions
         if self.layer is not None:
-            attn = attn[:, self.layer : self.layer + 1 if self.layer != -1 else None]
+            trace = trace.select_layers(slice(self.layer, self.layer + 1 if self.layer != -1 else None))
+        attn = trace.attentions
         raw = trace.image_columns(attn).mean(dim=2).sum(dim=1)  # (B, T, V)
         return finish(trace, raw, torch.ones_like(raw[..., 0]))

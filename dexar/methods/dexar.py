@@ -96,10 +96,9 @@ class DexAR:
     def __call__(self, trace: Trace) -> MethodOutput:
         if trace.grads is None:
             raise ValueError("DEX-AR needs a trace with layer_grads")
-        grads = trace.grads
-        attn = trace.attentions
         if self.layers == "last":
-            grads, attn = grads[:, -1:], attn[:, -1:]
+            trace = trace.select_layers(slice(-1, None))
+        grads, attn = trace.grads, trace.attentions
         text = trace.text_mask[:, None, None]  # (B, 1, 1, T, N)
         g_image = trace.image_columns(grads)  # (B, L, H, T, V)
         pos_image = g_image.clamp(min=0)

@@ -1,0 +1,115 @@
+"""One-pass DEX-AR vs a plain forward vs the naive reference: time and peak memory, side by side.
+
+Model: random LLaVA (8 decoder layers, hidden 512, 8 heads, 576 image tokens = 24×24 grid of a
+336-px image, patch 14), 20-token answer, float32, SDPA. Each variant runs in its own subprocess so
+that its peak resident memory (``ru_maxrss``) is its own; memory is reported above the baseline
+reached after building the model and inputs.
+
+    python benchmarks/one_pass.py [--repeats 5] [--answer-tokens 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("forward", "backbone_forward", "explain", "naive")
+
+
+def _setup(answer_tokens: int):
+    import torch
+
+    from datamodules.shapes import make_shapes_sample
+    from dexar.adapters import get_adapter
+    from dexar.testing import random_llava
+
+    model, processor = random_llava(
+        hidden=512, layers=8, heads=8, grid=24, patch=14, vision_hidden=64, vision_layers=1, dtype=torch.float32
+    )
+    adapter = get_adapter(model, processor)
+    sample = make_shapes_sample(0)
+    words = ("i see a red circle and a blue square and a green triangle " * 4).split()
+    answer_ids = adapter.tokenize_answer(" ".join(words))[:answer_tokens]
+    prompt_ids, image_inputs = adapter.encode_prompts([sample.image], [sample.prompt])
+    batch = adapter.build_batch(prompt_ids, [answer_ids], image_inputs)
+    return model, adapter, batch
+
+
+def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> dict:
+    import torch
+
+    from dexar import tracing
+    from dexar.methods import DexAR
+    from dexar.reference import naive_layer_grads
+
+    torch.set_num_threads(threads)
+    model, adapter, batch = _setup(answer_tokens)
+    inputs = {k: v for k, v in batch.inputs.items()}
+
+    def forward():
+        with torch.inference_mode():
+            model(**inputs)
+
+    def backbone_forward():
+        with torch.inference_mode():
+            adapter.backbone_forward(inputs)
+
+    def explain():
+        DexAR()(tracing.run(adapter, batch))
+
+    def naive():
+        naive_layer_grads(adapter, batch, 0)
+
+    fn = {"forward": forward, "backbone_forward": backbone_forward, "explain": explain, "naive": naive}[name]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # warm-up (also sets the memory high-water mark)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats if name != "naive" else 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {
+        "variant": name,
+        "seconds": statistics.median(times),
+        "peak_mib": (peak - base) / 1024,
+        "tokens": int(batch.input_ids.shape[1]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--answer-tokens", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(_run_variant(args.variant, args.repeats, args.answer_tokens, args.threads)))
+        return
+    rows = {}
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", name, "--repeats", str(args.repeats)]
+        cmd += ["--answer-tokens", str(args.answer_tokens), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        rows[name] = json.loads(out.strip().splitlines()[-1])
+    ref = rows["forward"]
+    print(f"sequence: {ref['tokens']} tokens, {args.answer_tokens} answer tokens, {args.threads} threads")
+    print(f"{'variant':<18}{'seconds':>10}{'× forward':>11}{'peak MiB':>10}{'× forward':>11}")
+    for name, row in rows.items():
+        t_ratio = row["seconds"] / ref["seconds"]
+        m_ratio = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+        print(f"{name:<18}{row['seconds']:>10.3f}{t_ratio:>11.2f}{row['peak_mib']:>10.1f}{m_ratio:>11.2f}")
+    print(f"naive / explain: {rows['naive']['seconds'] / rows['explain']['seconds']:.1f}× slower")
+
+
+if __name__ == "__main__":
+    main()
