@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class Explainer:
     def __init__(self, model: nn.Module, processor: Any, methods: Mapping[str, Method] | None = None) -> None:
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.methods: dict[str, Method] = dict(methods) if methods else {"dexar": build_method("dexar")}
+        self.last_timings: dict[str, float] = {}
+        """Seconds of the last ``explain_samples`` call by phase: ``generation``, ``trace``, ``method/<label>``."""
 
     @property
     def needs(self) -> frozenset[str]:
@@ -73,13 +76,17 @@ class Explainer:
     ) -> dict[str, list[Explanation]]:
         """Explain a batch: one trace (one forward + at most one backward), every method on it."""
         device = next(self.adapter.model.parameters()).device
+        clock = PhaseClock(device)
         answer_ids, texts = self.answer_ids(samples, answer_source, max_new_tokens, keep_eos)
+        clock.lap("generation")
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
         trace = tracing.run(self.adapter, batch, self.needs)
+        clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
         for name, method in self.methods.items():
             out = method(trace)
+            clock.lap(f"method/{name}")
             per_sample = []
             for b, sample in enumerate(samples):
                 length = int(batch.answer_lengths[b])
@@ -104,6 +111,7 @@ class Explainer:
                     )
                 )
             results[name] = per_sample
+        self.last_timings = clock.laps
         return results
 
     @staticmethod
@@ -111,6 +119,23 @@ class Explainer:
         """Answer positions in the unpadded ``input_ids`` of one sample."""
         pad = int((batch.inputs["attention_mask"][index] == 0).sum())
         return (batch.answer_positions(index) - pad).cpu()
+
+
+class PhaseClock:
+    """Wall-clock laps between phases; synchronises CUDA only at lap boundaries."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the seconds since the previous lap under ``name`` (accumulating)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _options(method: Method) -> dict[str, Any]:
