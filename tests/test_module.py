@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks import HeatmapWriter, read_shards
+from callbacks import HeatmapWriter, Timing, read_shards
 from datamodules.shapes import ShapesDataModule, ShapesDataset
 from dexar.module import ExplainerModule
 from dexar.schema import collate_samples
@@ -40,6 +40,18 @@ def test_predict_writes_shards_and_overlays(tiny_checkpoint, tmp_path):
     overlays = sorted(p.name for p in (tmp_path / "overlays" / "dexar").iterdir())
     assert overlays == ["shapes-test-0", "shapes-test-1", "shapes-test-2"]
     assert (tmp_path / "overlays" / "dexar" / "shapes-test-0" / "tokens.png").is_file()
+
+
+def test_timing_reports_each_phase_per_image(tiny_checkpoint, tmp_path):
+    timing = Timing(str(tmp_path))
+    module = ExplainerModule(model=tiny_checkpoint, methods={"dexar": {}, "attention": {}}, answer_source="generate")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False, callbacks=[timing]
+    )
+    trainer.predict(module, datamodule=ShapesDataModule(num_samples=4, batch_size=2), return_predictions=False)
+    assert {"generation", "trace", "method/dexar", "method/attention"} <= set(timing.per_image)
+    assert all(v > 0 for v in timing.per_image.values())
+    assert (tmp_path / "timing.json").is_file()
 
 
 def test_bad_sample_is_counted_not_fatal(tiny_checkpoint, tmp_path):
