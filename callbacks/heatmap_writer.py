@@ -25,16 +25,20 @@ class HeatmapWriter(BasePredictionWriter):
     ``num_overlays``, whatever the number of processes.
 
     Args:
-        output_dir: Run directory.
+        output_dir: Run directory; default: the trainer's ``default_root_dir``.
         num_overlays: Number of samples (by dataset index) that get PNG overlays.
-
     """
 
-    def __init__(self, output_dir: str = "runs/predict", num_overlays: int = 16) -> None:
+    def __init__(self, output_dir: str | None = None, num_overlays: int = 16) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self._requested_dir = output_dir
+        self.output_dir = Path(output_dir or "runs/predict")
         self.num_overlays = num_overlays
         self.written = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.output_dir = Path(self._requested_dir or trainer.default_root_dir)
 
     def write_on_batch_end(
         self,

@@ -20,7 +20,7 @@ class Timing(Callback):
     the number of images, so the figure is per image whatever the number of GPUs.
 
     Args:
-        output_dir: If set, ``timing.json`` is written there on rank 0.
+        output_dir: Where ``timing.json`` is written on rank 0; default: the trainer's ``default_root_dir``.
     """
 
     def __init__(self, output_dir: str | None = None) -> None:
@@ -58,7 +58,7 @@ class Timing(Callback):
             print("seconds per image: " + ", ".join(f"{n} {s:.4f}" for n, s in self.per_image.items()))
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"time_per_image/{n}": s for n, s in self.per_image.items()})
-            if self.output_dir:
-                path = Path(self.output_dir)
+            if trainer.default_root_dir or self.output_dir:
+                path = Path(self.output_dir or trainer.default_root_dir)
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "timing.json").write_text(json.dumps({"seconds_per_image": self.per_image, "images": images}))
