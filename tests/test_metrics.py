@@ -1,0 +1,528 @@
+"""Metrics: functional code against slow float64 loop references, hand cases, degenerate inputs, classes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.utilities import dim_zero_cat
+
+import metrics
+from metrics import functional as MF
+
+
+def f64(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# -- slow, obviously correct references (numpy float64, one sample and one threshold at a time) -------
+
+
+def ref_epg(e, m, v):
+    energy = sum(e[i, j] for i in range(e.shape[0]) for j in range(e.shape[1]) if v[i, j])
+    inside = sum(e[i, j] for i in range(e.shape[0]) for j in range(e.shape[1]) if v[i, j] and m[i, j])
+    return math.nan if energy == 0 else inside / energy
+
+
+def ref_iou(e, m, v, k):
+    vals, inm = e[v], m[v]
+    if vals.size == 0:
+        return math.nan
+    best = 0.0
+    for tau in np.linspace(vals.min(), vals.max(), k):
+        pred = vals >= tau
+        inter, union = int((pred & inm).sum()), int((pred | inm).sum())
+        best = max(best, inter / union if union else 0.0)
+    return best
+
+
+def ref_minmax(vals):
+    lo, hi = vals.min(), vals.max()
+    return np.zeros_like(vals) if hi == lo else (vals - lo) / (hi - lo)
+
+
+def ref_soft_iou(e, m, v):
+    vals, inm = e[v], m[v].astype(np.float64)
+    if vals.size == 0:
+        return math.nan
+    en = ref_minmax(vals)
+    num, den = 0.0, 0.0
+    for a, b in zip(en, inm, strict=True):
+        num += a * b
+        den += a + b - a * b
+    return math.nan if den == 0 else num / den
+
+
+def ref_snr(e, m, v, eps=1e-3):
+    inside = [float(x) for x, mm, vv in zip(e.ravel(), m.ravel(), v.ravel(), strict=True) if vv and mm]
+    outside = [float(x) for x, mm, vv in zip(e.ravel(), m.ravel(), v.ravel(), strict=True) if vv and not mm]
+    if not inside or not outside:
+        return math.nan
+    peak = max(inside + outside)
+    if peak == 0:
+        return math.nan
+    return (sum(inside) / len(inside) / peak) / max(sum(outside) / len(outside) / peak, eps)
+
+
+def ref_mse(e, m, v):
+    vals, inm = e[v], m[v].astype(np.float64)
+    if vals.size == 0:
+        return math.nan
+    en = ref_minmax(vals)
+    return sum((a - b) ** 2 for a, b in zip(en, inm, strict=True)) / vals.size
+
+
+def ref_filler(w, c, eps=1e-3):
+    content = [float(x) for x, cc in zip(w, c, strict=True) if cc]
+    filler = [float(x) for x, cc in zip(w, c, strict=True) if not cc]
+    if not content or not filler or max(content + filler) == 0:
+        return math.nan
+    peak = max(content + filler)
+    return (sum(content) / len(content) / peak) / max(sum(filler) / len(filler) / peak, eps)
+
+
+def ref_trapz(y, x):
+    if not all(math.isfinite(float(t)) for t in y):
+        return math.nan
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
+
+
+def ref_pic(ppl, sizes, monotone=True):
+    p0, p1, s0, s1 = ppl[0], ppl[-1], sizes[0], sizes[-1]
+    if not (s1 > s0 and p1 < p0):
+        return math.nan
+    points, best = [(0.0, 0.0)], 0.0
+    for p, s in zip(ppl, sizes, strict=True):
+        x = min(max((s - s0) / (s1 - s0), 0.0), 1.0)
+        y = min(max((p0 - p) / (p0 - p1), 0.0), 1.0)
+        best = max(best, y)
+        points.append((x, best if monotone else y))
+    points.append((1.0, 1.0))
+    points.sort(key=lambda t: t[0])
+    return sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points, points[1:], strict=False))
+
+
+def loop(ref, maps, masks, ignore, *args):
+    v = np.ones(masks.shape, dtype=bool) if ignore is None else ~ignore.numpy()
+    return torch.tensor(
+        [ref(maps[i].numpy(), masks[i].numpy(), v[i], *args) for i in range(maps.shape[0])], dtype=torch.float64
+    )
+
+
+def random_batch(seed, n=6, h=7, w=9, with_ignore=True, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(n, h, w, generator=g, dtype=torch.float64)
+    if ties:
+        maps = (maps * 4).floor() / 4
+    maps = maps * torch.rand(n, 1, 1, generator=g, dtype=torch.float64) * 3
+    masks = torch.rand(n, h, w, generator=g) < 0.35
+    ignore = (torch.rand(n, h, w, generator=g) < 0.15) if with_ignore else None
+    return maps, masks, ignore
+
+
+def close(a, b, tol=1e-12):
+    if any(isinstance(x, torch.Tensor) and x.dtype == torch.float32 for x in (a, b)):
+        tol = max(tol, 1e-6)
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.equal(a.isnan(), b.isnan()), (a, b)
+    assert torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=tol, atol=tol), (a, b)
+
+
+LOCALIZATION = {
+    "epg": (MF.energy_pointing_game, ref_epg, ()),
+    "iou": (MF.best_threshold_iou, ref_iou, (100,)),
+    "iou7": (lambda e, m, i: MF.best_threshold_iou(e, m, i, num_thresholds=7), ref_iou, (7,)),
+    "soft_iou": (MF.soft_iou, ref_soft_iou, ()),
+    "snr": (MF.mask_snr, ref_snr, ()),
+    "mse": (MF.mask_mse, ref_mse, ()),
+}
+
+
+# -- functional: random inputs against the references ---------------------------------------------------
+@pytest.mark.parametrize("name", sorted(LOCALIZATION))
+@pytest.mark.parametrize("seed,with_ignore,ties", [(0, False, False), (1, True, False), (2, True, True)])
+def test_localization_matches_loop_reference(name, seed, with_ignore, ties):
+    fn, ref, args = LOCALIZATION[name]
+    maps, masks, ignore = random_batch(seed, with_ignore=with_ignore, ties=ties)
+    close(fn(maps, masks, ignore), loop(ref, maps, masks, ignore, *args))
+
+
+def test_filler_snr_matches_loop_reference_lists_and_padded():
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 8, 3, 6]
+    weights = [torch.rand(t, generator=g, dtype=torch.float64) for t in lengths]
+    weights[3] = weights[3] * (torch.arange(3) != 0)  # some exact zeros
+    contents = [torch.rand(t, generator=g) < 0.5 for t in lengths]
+    contents[4] = torch.tensor([True, False, True, False, False, True])
+    expected = f64([ref_filler(w.tolist(), c.tolist()) for w, c in zip(weights, contents, strict=True)])
+    close(MF.filler_snr(weights, contents), expected)
+    padded_w = torch.zeros(len(lengths), 8, dtype=torch.float64)
+    padded_c = torch.zeros(len(lengths), 8, dtype=torch.bool)
+    valid = torch.zeros(len(lengths), 8, dtype=torch.bool)
+    for i, (w, c) in enumerate(zip(weights, contents, strict=True)):
+        padded_w[i, 8 - len(w) :], padded_c[i, 8 - len(w) :], valid[i, 8 - len(w) :] = w, c, True
+    padded_w[~valid] = 7.0  # padding must not matter
+    close(MF.filler_snr(padded_w, padded_c, valid), expected)
+
+
+def test_curve_aucs_match_loop_reference():
+    g = torch.Generator().manual_seed(4)
+    levels = [0.0, 0.1, 0.25, 0.5, 0.8, 1.0]
+    ppl = torch.rand(5, 6, generator=g, dtype=torch.float64) * 20 + 1
+    ppl[2, 3] = torch.inf
+    x = np.array(levels)
+    close(MF.perturbation_auc(ppl, levels), f64([ref_trapz(r.numpy(), x) for r in ppl]))
+    close(MF.deletion_auc(ppl, levels), f64([ref_trapz((r / r[0]).numpy(), x) for r in ppl]))
+    close(MF.insertion_auc(ppl, levels), f64([ref_trapz((r / r[-1]).numpy(), x) for r in ppl]))
+    given = torch.rand(5, generator=g, dtype=torch.float64) + 1
+    close(
+        MF.deletion_auc(ppl, levels, given),
+        f64([ref_trapz((r / o).numpy(), x) for r, o in zip(ppl, given, strict=True)]),
+    )
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+def test_pic_auc_matches_loop_reference(monotone):
+    g = torch.Generator().manual_seed(5)
+    ppl = torch.rand(40, 7, generator=g, dtype=torch.float64) * 10 + 1
+    sizes = torch.rand(40, 7, generator=g, dtype=torch.float64) * 1000 + 50  # x not monotone in p
+    ppl[:, 0] += 10  # obscured image: higher perplexity ...
+    ppl[:3, 0] = 0.5  # ... except three undefined samples
+    sizes[:, -1] += 2000
+    sizes[5, -1] = 10  # original smaller than obscured: undefined
+    expected = f64([ref_pic(p.tolist(), s.tolist(), monotone) for p, s in zip(ppl, sizes, strict=True)])
+    assert expected.isnan().sum() == 4
+    close(MF.pic_auc(ppl, sizes, monotone), expected)
+
+
+# -- functional: hand-computed cases ------------------------------------------------------------------------
+T, F_ = True, False
+
+
+def t(rows, dtype=torch.float64):
+    return torch.tensor([rows], dtype=dtype)
+
+
+def test_hand_cases_localization():
+    e, m = t([[1.0, 2.0], [3.0, 4.0]]), t([[T, F_], [F_, T]], torch.bool)
+    close(MF.energy_pointing_game(e, m), [0.5])
+    close(MF.energy_pointing_game(e, m, ignore=t([[F_, F_], [F_, T]], torch.bool)), [1 / 6])
+    ramp, lower_half = t([[0.0, 1.0], [2.0, 3.0]]), t([[F_, F_], [T, T]], torch.bool)
+    close(MF.best_threshold_iou(ramp, lower_half, num_thresholds=4), [1.0])  # τ = 2 selects exactly the mask
+    close(MF.best_threshold_iou(ramp, lower_half, num_thresholds=2), [0.5])  # τ ∈ {0, 3}: 2/4 and 1/2
+    close(MF.best_threshold_iou(ramp, lower_half, num_thresholds=1), [0.5])  # τ = min: everything
+    soft, cross = t([[0.0, 0.5], [1.0, 1.0]]), t([[F_, T], [T, F_]], torch.bool)
+    close(MF.soft_iou(soft, cross), [1.5 / 3.0])
+    close(MF.soft_iou(soft * 2 + 3, cross), [1.5 / 3.0])  # min-max normalized first
+    close(MF.mask_mse(soft, cross), [(0 + 0.25 + 0 + 1) / 4])
+    close(MF.mask_snr(t([[4.0, 2.0], [1.0, 1.0]]), t([[T, T], [F_, F_]], torch.bool)), [3.0])
+    close(MF.mask_snr(t([[4.0, 2.0], [0.0, 0.0]]), t([[T, T], [F_, F_]], torch.bool)), [0.75 / 1e-3])
+    close(MF.mask_snr(t([[4.0, 2.0], [0.0, 0.0]]), t([[T, T], [F_, F_]], torch.bool), eps=0.01), [75.0])
+
+
+def test_hand_cases_tokens_and_curves():
+    close(MF.filler_snr([torch.tensor([0.2, 0.8, 0.6, 0.2])], [torch.tensor([F_, T, T, F_])]), [3.5])
+    close(MF.filler_snr([torch.tensor([0.0, 2.0, 1.0])], [torch.tensor([F_, T, T])]), [0.75 / 1e-3], tol=1e-6)
+    close(MF.perturbation_auc(torch.tensor([1.0, 2.0, 3.0]), [0.0, 0.5, 1.0]), [2.0])
+    close(MF.perturbation_auc(torch.ones(1, 10), [i / 10 for i in range(10)]), [0.9])
+    close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [2.0])
+    close(MF.insertion_auc(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [2.0])
+    close(MF.pic_auc(torch.tensor([10.0, 4.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.75])
+    close(MF.pic_auc(torch.tensor([10.0, 1.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.875])  # y clipped
+    ppl, sizes = torch.tensor([10.0, 4.0, 6.0, 2.0]), torch.tensor([100.0, 150.0, 200.0, 300.0])
+    close(MF.pic_auc(ppl, sizes), [0.71875])  # running max: y = 0, .75, .75, 1
+    close(MF.pic_auc(ppl, sizes, monotone=False), [0.25 * 0.375 + 0.25 * 0.625 + 0.5 * 0.75])
+    close(MF.pic_auc(ppl, torch.tensor([100.0, 250.0, 150.0, 300.0])), [0.6875])  # x sorted: .25 before .75
+    close(MF.pic_auc(torch.tensor([2.0, 1.0, 3.0]), sizes[:3]), [math.nan])  # PPL(original) ≥ PPL(obscured)
+    close(MF.pic_auc(ppl, torch.tensor([300.0, 250.0, 150.0, 100.0])), [math.nan])  # original not larger
+
+
+# -- functional: degenerate inputs and properties -----------------------------------------------------------
+def degenerate_batch():
+    """Rows: empty mask, constant map, all-zero map, all-zero map + empty mask, all ignored, full mask."""
+    n, h, w = 6, 4, 5
+    g = torch.Generator().manual_seed(6)
+    maps = torch.rand(n, h, w, generator=g, dtype=torch.float64)
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    masks[1:, :2, :3] = True
+    maps[1], maps[2], maps[3] = 0.5, 0.0, 0.0
+    masks[3] = False
+    ignore = torch.zeros(n, h, w, dtype=torch.bool)
+    ignore[4] = True
+    masks[5] = True
+    return maps, masks, ignore
+
+
+def test_degenerate_inputs_give_documented_values():
+    maps, masks, ignore = degenerate_batch()
+    area = 6 / 20
+    e0 = MF.mask_mse(maps[:1], masks[:1])[0]  # empty mask: mean E'^2
+    norm = (maps[0] - maps[0].min()) / (maps[0].max() - maps[0].min())
+    close(e0, (norm**2).mean())
+    close(MF.energy_pointing_game(maps, masks, ignore), [0.0, area, math.nan, math.nan, math.nan, 1.0])
+    close(MF.best_threshold_iou(maps, masks, ignore), [0.0, area, area, 0.0, math.nan, 1.0])
+    close(MF.soft_iou(maps, masks, ignore)[:5], [0.0, 0.0, 0.0, math.nan, math.nan])
+    close(MF.mask_snr(maps, masks, ignore), [math.nan, 1.0, math.nan, math.nan, math.nan, math.nan])
+    close(MF.mask_mse(maps, masks, ignore), [e0, area, area, 0.0, math.nan, MF.mask_mse(maps[5:], masks[5:])[0]])
+    # each function agrees with its loop reference on these rows too
+    for fn, ref, args in LOCALIZATION.values():
+        close(fn(maps, masks, ignore), loop(ref, maps, masks, ignore, *args))
+
+
+def test_degenerate_token_and_curve_inputs():
+    w = [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]), torch.zeros(3), torch.ones(4), torch.tensor([])]
+    c = [torch.tensor([T, T]), torch.tensor([F_, F_]), torch.tensor([T, F_, F_]), torch.tensor([T, F_, T, F_])]
+    c.append(torch.tensor([], dtype=torch.bool))
+    close(MF.filler_snr(w, c), [math.nan, math.nan, math.nan, 1.0, math.nan])
+    close(MF.perturbation_auc(torch.tensor([[1.0, math.nan, 2.0], [1.0, 1.0, 1.0]]), [0, 0.5, 1]), [math.nan, 1.0])
+    close(MF.deletion_auc(torch.tensor([[0.0, 1.0, 2.0]]), [0, 0.5, 1]), [math.nan])  # zero reference
+    with pytest.raises(ValueError, match="strictly increasing"):
+        MF.perturbation_auc(torch.ones(1, 3), [0.0, 0.5, 0.5])
+    with pytest.raises(ValueError, match="ppl_original"):
+        MF.insertion_auc(torch.ones(1, 3), [0.0, 0.3, 0.6])
+    with pytest.raises(ValueError, match="non-negative"):
+        MF.soft_iou(-torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool))
+
+
+def test_map_equal_to_mask_properties():
+    _, masks, _ = random_batch(7, with_ignore=False)
+    maps = masks.double()
+    close(MF.energy_pointing_game(maps, masks), torch.ones(len(masks)))
+    close(MF.soft_iou(maps, masks), torch.ones(len(masks)))
+    close(MF.best_threshold_iou(maps, masks), torch.ones(len(masks)))
+    close(MF.mask_mse(maps, masks), torch.zeros(len(masks)))
+    close(MF.mask_snr(maps, masks), torch.full((len(masks),), 1e3))
+
+
+def test_best_threshold_iou_is_at_least_every_single_threshold():
+    maps, masks, ignore = random_batch(8, n=10)
+    best = MF.best_threshold_iou(maps, masks, ignore, num_thresholds=25)
+    valid = ~ignore
+    for i in range(len(maps)):
+        vals, inm = maps[i][valid[i]], masks[i][valid[i]]
+        for tau in np.linspace(float(vals.min()), float(vals.max()), 25):  # the grid's thresholds
+            pred = vals >= tau
+            union = int((pred | inm).sum())
+            assert best[i] >= (int((pred & inm).sum()) / union if union else 0.0) - 1e-12
+
+
+def test_webp_size_is_pillow_lossless_webp():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    size = MF.webp_size(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="WEBP", lossless=True, quality=100, method=4)
+    assert size == len(buffer.getvalue())
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")), image)
+    assert MF.webp_size(torch.from_numpy(image)) == size
+    assert MF.webp_size(np.zeros((12, 10, 3), dtype=np.uint8)) < size
+
+
+# -- metric classes -----------------------------------------------------------------------------------------
+LEVELS = [0.0, 0.25, 0.5, 1.0]
+
+
+def loc_batches(seed):
+    maps, masks, ignore = random_batch(seed, n=5)
+    dm, dk, di = degenerate_batch()
+    return [(maps[:2], masks[:2], ignore[:2]), (dm, dk, di), (maps[2:], masks[2:], None)]
+
+
+def ppl_batches(seed, n=(3, 2, 4)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in n:
+        ppl = torch.rand(k, len(LEVELS), generator=g, dtype=torch.float64) * 5 + 1
+        out.append(ppl)
+    out[1][0, 2] = math.nan
+    return out
+
+
+def pic_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in (3, 2, 4):
+        ppl = torch.rand(k, len(LEVELS), generator=g, dtype=torch.float64) * 5 + 1
+        ppl[:, 0] += 6
+        sizes = torch.rand(k, len(LEVELS), generator=g, dtype=torch.float64) * 100 + 10
+        sizes[:, -1] += 200
+        out.append((ppl, sizes))
+    out[1][0][0, 0] = 0.1  # undefined sample
+    return out
+
+
+def filler_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in ([3, 5], [1, 4, 2], [6]):
+        w = [torch.rand(n, generator=g, dtype=torch.float64) for n in lengths]
+        c = [torch.arange(n) % 2 == 0 for n in lengths]
+        out.append((w, c))
+    return out
+
+
+CASES = {
+    "EnergyPointingGame": (metrics.EnergyPointingGame, lambda: {}, MF.energy_pointing_game, loc_batches),
+    "BestThresholdIoU": (metrics.BestThresholdIoU, lambda: {"num_thresholds": 9}, None, loc_batches),
+    "SoftIoU": (metrics.SoftIoU, lambda: {}, MF.soft_iou, loc_batches),
+    "MaskSNR": (metrics.MaskSNR, lambda: {}, MF.mask_snr, loc_batches),
+    "MaskMSE": (metrics.MaskMSE, lambda: {}, MF.mask_mse, loc_batches),
+    "FillerSNR": (metrics.FillerSNR, lambda: {}, MF.filler_snr, filler_batches),
+    "PerturbationAUC": (
+        metrics.PerturbationAUC,
+        lambda: {"levels": LEVELS},
+        lambda nppl: MF.perturbation_auc(nppl, LEVELS),
+        ppl_batches,
+    ),
+    "NegativePerturbationAUC": (
+        metrics.NegativePerturbationAUC,
+        lambda: {"levels": LEVELS},
+        lambda nppl: MF.perturbation_auc(nppl, LEVELS),
+        ppl_batches,
+    ),
+    "DeletionAUC": (
+        metrics.DeletionAUC,
+        lambda: {"levels": LEVELS},
+        lambda ppl: MF.deletion_auc(ppl, LEVELS),
+        ppl_batches,
+    ),
+    "InsertionAUC": (
+        metrics.InsertionAUC,
+        lambda: {"levels": LEVELS},
+        lambda ppl: MF.insertion_auc(ppl, LEVELS),
+        ppl_batches,
+    ),
+    "PICAUC": (metrics.PICAUC, lambda: {"levels": LEVELS}, MF.pic_auc, pic_batches),
+}
+
+
+def functional_values(name, batches):
+    cls, kwargs, fn, _ = CASES[name]
+    if fn is None:
+        fn = lambda *a: MF.best_threshold_iou(*a, num_thresholds=9)  # noqa: E731
+    return torch.cat([fn(*(b if isinstance(b, tuple) else (b,))) for b in batches]).double()
+
+
+def feed(metric, batches):
+    for b in batches:
+        metric.update(*(b if isinstance(b, tuple) else (b,)))
+    return metric
+
+
+def expected_mean(values):
+    ok = values.isfinite()
+    return values[ok].sum() / ok.sum()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_class_equals_functional_over_several_updates(name):
+    cls, kwargs, _, make = CASES[name]
+    batches = make(10)
+    values = functional_values(name, batches)
+    metric = feed(cls(**kwargs()), batches)
+    assert metric.full_state_update is False and metric.higher_is_better is not None
+    assert metric.plot_lower_bound == 0.0
+    close(metric.compute(), expected_mean(values))
+    close(metric.per_sample(), values)
+    assert int(metric.skipped) == metric.num_skipped == int(values.isnan().sum())
+    metric.reset()
+    assert metric.per_sample().numel() == 0 and metric.compute().isnan()
+
+
+def test_skips_are_counted_never_averaged():
+    metric = metrics.EnergyPointingGame()
+    metric.update(torch.zeros(2, 3, 3), torch.ones(2, 3, 3, dtype=torch.bool))
+    assert metric.compute().isnan() and metric.num_skipped == 2
+    metric.update(torch.ones(1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool))
+    assert float(metric.compute()) == 1.0 and metric.num_skipped == 2 and int(metric.count) == 1
+
+
+def rank_tensors(metric):
+    """The tensors ``Metric._sync_dist`` gathers from one rank, in gather order."""
+    out = []
+    for attr, fx in metric._reductions.items():
+        value = getattr(metric, attr)
+        if isinstance(value, list):
+            if fx is dim_zero_cat and len(value) > 1:
+                value = [dim_zero_cat(value)]
+            out += value or [torch.tensor([], dtype=metric.dtype)]
+        else:
+            out.append(value)
+    return out
+
+
+def two_rank(cls, kwargs, other):
+    """A metric on "rank 0" whose sync gathers ``other``'s states as rank 1 (a simulated 2-process run)."""
+    holder = {}
+
+    def gather(tensor, group=None):
+        return [tensor, next(holder["it"])]
+
+    metric = cls(**kwargs, dist_sync_fn=gather, distributed_available_fn=lambda: True)
+
+    def prime():
+        holder["it"] = iter(rank_tensors(other))
+
+    return metric, prime
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_two_process_reduction_equals_one_process(name):
+    cls, kwargs, _, make = CASES[name]
+    batches = make(11)
+    single = feed(cls(**kwargs()), batches)
+    # merge_state
+    first, second = feed(cls(**kwargs()), batches[:2]), feed(cls(**kwargs()), batches[2:])
+    first.merge_state(second)
+    close(first.compute(), single.compute())
+    assert int(first.skipped) == int(single.skipped)
+    # a simulated DDP sync (torchmetrics' own reduction code, gather replaced by the other rank's states)
+    rank1 = feed(cls(**kwargs()), batches[2:])
+    rank0, prime = two_rank(cls, kwargs(), rank1)
+    feed(rank0, batches[:2])
+    prime()
+    close(rank0.compute(), single.compute(), tol=1e-14)
+    prime()
+    close(rank0.per_sample(), single.per_sample())
+    prime()
+    assert rank0.num_skipped == single.num_skipped
+    if hasattr(single, "mean_curve"):
+        prime()
+        for a, b in zip(rank0.mean_curve(), single.mean_curve(), strict=True):
+            close(a, b)
+    # a rank that saw no sample contributes nothing
+    empty = cls(**kwargs())
+    lonely, prime = two_rank(cls, kwargs(), empty)
+    feed(lonely, batches)
+    prime()
+    close(lonely.compute(), single.compute())
+    prime()
+    close(lonely.per_sample(), single.per_sample())
+
+
+def test_perturbation_mean_curve_and_bounds():
+    batches = ppl_batches(12)
+    metric = feed(metrics.PerturbationAUC(levels=LEVELS), batches)
+    rows = torch.cat(batches)
+    ok = rows.isfinite().all(1)
+    levels, curve = metric.mean_curve()
+    close(levels, LEVELS)
+    close(curve, rows[ok].mean(0))
+    assert metrics.NegativePerturbationAUC().higher_is_better is False
+    assert metrics.InsertionAUC().higher_is_better is False and metrics.MaskMSE().higher_is_better is False
+    assert metrics.PICAUC.plot_upper_bound == 1.0 and metrics.SoftIoU.plot_upper_bound == 1.0
+    pic = feed(metrics.PICAUC(levels=LEVELS), pic_batches(13))
+    _, x, y = pic.mean_curve()
+    xs, ys = zip(*(MF.pic_curve(p, s) for p, s in pic_batches(13)), strict=True)
+    xs, ys = torch.cat(xs), torch.cat(ys)
+    ok = xs.isfinite().all(1)
+    close(x, xs[ok].mean(0))
+    close(y, ys[ok].mean(0))
+    with pytest.raises(ValueError, match="PIC levels"):
+        metrics.PICAUC(levels=[0.1, 1.0])
