@@ -2,5 +2,6 @@
 
 from callbacks.heatmap_writer import HeatmapWriter, read_shards
 from callbacks.timing import Timing
+from callbacks.wandb_media import WandbMedia
 
-__all__ = ["HeatmapWriter", "Timing", "read_shards"]
+__all__ = ["HeatmapWriter", "Timing", "WandbMedia", "read_shards"]

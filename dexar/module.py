@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import csv
+import json
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
+from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.explain import ANSWER_SOURCES, Explainer
 from dexar.explanation import Explanation
 from dexar.loading import load_model
@@ -60,19 +67,30 @@ class ExplainerModule(L.LightningModule):
         answer_source: str = "generate",
         max_new_tokens: int = 32,
         keep_eos: bool = False,
+        metrics: dict[str, Any] | None = None,
+        localization_target: str = "sequence",
+        perturbation_max_batch: int = 16,
+        perturbation_replacement: float = 0.0,
     ) -> None:
         super().__init__()
         if answer_source not in ANSWER_SOURCES:
             raise ValueError(f"model.answer_source must be one of {ANSWER_SOURCES}, got {answer_source!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["metrics"])
+        self.settings = EvaluationSettings(localization_target, perturbation_max_batch, perturbation_replacement)
         self.method_specs = {label: dict(opts or {}) for label, opts in (methods or {"dexar": {}}).items()}
         self.methods = {
             label: build_method(opts.pop("method", label), **opts)
             for label, opts in ((k, dict(v)) for k, v in self.method_specs.items())
         }
+        self.metric_sets = nn.ModuleDict(
+            {label: nn.ModuleDict({n: copy.deepcopy(m) for n, m in (metrics or {}).items()}) for label in self.methods}
+        )
         self.vlm: torch.nn.Module | None = None
         self.explainer: Explainer | None = None
+        self.evaluator: Evaluator | None = None
         self.failed: list[tuple[str, str]] = []
+        self.last_eval_timings: dict[str, float] = {}
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
 
     def configure_model(self) -> None:
         """Load the VLM once per process, on this process's device."""
@@ -83,6 +101,8 @@ class ExplainerModule(L.LightningModule):
             p.requires_grad_(False)
         self.vlm = vlm
         self.explainer = Explainer(vlm, processor, self.methods)
+        groups = {label: dict(group.items()) for label, group in self.metric_sets.items() if len(group)}
+        self.evaluator = Evaluator(self.explainer.adapter, groups, self.settings)
 
     def _explain(self, samples: list[Sample]) -> dict[str, list[Explanation]]:
         assert self.explainer is not None
@@ -94,6 +114,23 @@ class ExplainerModule(L.LightningModule):
 
     def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         self.configure_model()
+        output = self._explain_batch(batch, batch_idx)
+        self._evaluate(batch, output)
+        return output
+
+    def _evaluate(self, batch: list[Sample], output: PredictOutput) -> None:
+        """Update the metrics with the batch's explanations; per-method seconds in ``last_eval_timings``."""
+        self.last_eval_timings = {}
+        if self.evaluator is None or not self.evaluator.metrics:
+            return
+        explained = [s for s in batch if s.id in set(output.sample_ids)]
+        for label, exps in output.explanations.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                self.evaluator.update(explained, {label: exps})
+            self.last_eval_timings[f"evaluation/{label}"] = time.perf_counter() - start
+
+    def _explain_batch(self, batch: list[Sample], batch_idx: int) -> PredictOutput:
         try:
             return PredictOutput(self._explain(batch), [s.id for s in batch])
         except Exception as err:  # one bad sample must not kill the run: retry one by one
@@ -112,3 +149,55 @@ class ExplainerModule(L.LightningModule):
                 merged[label] += exps
         self.failed += failures
         return PredictOutput(merged, ids, failures)
+
+    def on_predict_epoch_end(self) -> None:
+        """Compute every metric (synced across processes: every rank takes part), then report on rank 0.
+
+        ``self.results[label][metric]`` holds ``value`` (mean over valid samples), ``count`` and
+        ``skipped`` (degenerate samples, never averaged in). Rank 0 logs them through the logger and
+        writes ``results.json`` and ``results.csv`` in the run directory.
+        """
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for label, group in self.metric_sets.items():
+            results[label] = {}
+            for name, metric in group.items():
+                value = float(metric.compute())
+                per = metric.per_sample() if hasattr(metric, "per_sample") else torch.empty(0)
+                valid = int(torch.isfinite(per).sum())
+                results[label][name] = {"value": value, "count": valid, "skipped": int(per.numel()) - valid}
+        self.results = results
+        failed = torch.tensor(float(len(self.failed)), device=self.device)
+        if self.trainer.world_size > 1:
+            failed = self.trainer.strategy.reduce(failed, reduce_op="sum")
+        self.num_failed = int(failed)
+        if self.trainer.is_global_zero:
+            report_results(self.trainer, self, results, self.num_failed)
+
+
+def report_results(trainer: L.Trainer, module: ExplainerModule, results: dict, num_failed: int) -> None:
+    """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table."""
+    run_dir = Path(trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = getattr(trainer, "datamodule", None)
+    dataset = type(datamodule).__name__ if datamodule is not None else "dataloader"
+    model = str(module.hparams.model)
+    rows = [
+        {"dataset": dataset, "model": model, "method": label, "metric": name, **stats}
+        for label, group in results.items()
+        for name, stats in group.items()
+    ]
+    payload = {"dataset": dataset, "model": model, "failed_samples": num_failed, "results": results}
+    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["dataset", "model", "method", "metric", "value", "count", "skipped"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if trainer.logger is not None and rows:
+        trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in rows})
+        trainer.logger.log_metrics({"failed_samples": float(num_failed)})
+    if rows:
+        width = max(len(r["method"]) for r in rows) + 2
+        print(f"{'method':<{width}}{'metric':<24}{'value':>10}{'count':>8}{'skipped':>9}")
+        for r in rows:
+            print(f"{r['method']:<{width}}{r['metric']:<24}{r['value']:>10.4f}{r['count']:>8}{r['skipped']:>9}")
+    print(f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} ({num_failed} samples failed)")

@@ -22,6 +22,7 @@ class FillerSNR(SampleMeanMetric):
 
     """
 
+    input_kind = "filler"
     higher_is_better = True
 
     def __init__(self, eps: float = MF.DEFAULT_SNR_EPS, **kwargs: Any) -> None:

@@ -13,6 +13,8 @@ from metrics.base import SampleMeanMetric
 class _LocalizationMetric(SampleMeanMetric):
     """``update(maps, masks, ignore=None)`` with ``(N, H, W)`` maps ≥ 0, bool masks and ignore masks."""
 
+    input_kind = "localization"
+
     plot_upper_bound: float | None = 1.0
 
     def _value(self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:

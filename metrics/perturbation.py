@@ -30,6 +30,7 @@ class PerturbationAUC(CurveMeanMetric):
 
     """
 
+    input_kind = "perturbation:positive"
     higher_is_better = True
 
     def __init__(self, levels: Sequence[float] = PERTURBATION_LEVELS, **kwargs: Any) -> None:
@@ -47,12 +48,14 @@ class PerturbationAUC(CurveMeanMetric):
 class NegativePerturbationAUC(PerturbationAUC):
     """:class:`PerturbationAUC` of the negative test (bottom pixels removed): lower is better."""
 
+    input_kind = "perturbation:negative"
     higher_is_better = False
 
 
 class DeletionAUC(CurveMeanMetric):
     """Mean deletion AUC (:func:`metrics.functional.deletion_auc`); higher is better."""
 
+    input_kind = "perturbation:deletion"
     higher_is_better = True
 
     def __init__(self, levels: Sequence[float] = FULL_LEVELS, **kwargs: Any) -> None:
@@ -71,6 +74,7 @@ class DeletionAUC(CurveMeanMetric):
 class InsertionAUC(CurveMeanMetric):
     """Mean insertion AUC (:func:`metrics.functional.insertion_auc`); lower is better."""
 
+    input_kind = "perturbation:insertion"
     higher_is_better = False
 
     def __init__(self, levels: Sequence[float] = FULL_LEVELS, **kwargs: Any) -> None:
@@ -95,6 +99,7 @@ class PICAUC(CurveMeanMetric):
 
     """
 
+    input_kind = "perturbation:pic"
     higher_is_better = True
     plot_upper_bound = 1.0
 

@@ -1,0 +1,119 @@
+"""``WandbMedia``: perturbation curves, heatmap overlays and a per-sample table for Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+
+class WandbMedia(Callback):
+    """Logs what scalars cannot show, at the end of predict (after the module computed its metrics).
+
+    * one ``wandb.Table`` and line plot per method and curve metric (mean curve over valid samples);
+    * the overlays ``HeatmapWriter`` wrote for the first samples (sequence map and per-token strip,
+      captioned with the answer) — read from disk, so every rank's samples are included;
+    * a per-sample table: sample id (or ``id#token``), method, and each metric's value.
+
+    Metric accessors are collective under DDP, so every rank runs them; only rank 0 logs. Without a
+    ``WandbLogger`` the callback does nothing.
+
+    Args:
+        max_overlays: Overlays logged per method.
+    """
+
+    def __init__(self, max_overlays: int = 16) -> None:
+        self.max_overlays = max_overlays
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = trainer.logger if isinstance(trainer.logger, WandbLogger) else None
+        groups = getattr(pl_module, "metric_sets", {})
+        curves = _curves(groups)
+        rows = _per_sample_rows(pl_module, groups, trainer.world_size)
+        if logger is None or not trainer.is_global_zero:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {}
+        for (label, name), (columns, data) in curves.items():
+            table = wandb.Table(columns=columns, data=data)
+            payload[f"curves/{label}/{name}"] = wandb.plot.line(table, columns[0], columns[-1], title=f"{label} {name}")
+            payload[f"curve_tables/{label}/{name}"] = table
+        if rows:
+            metric_names = sorted({k for r in rows for k in r if k not in ("sample", "method")})
+            payload["per_sample"] = wandb.Table(
+                columns=["sample", "method", *metric_names],
+                data=[[r["sample"], r["method"], *[r.get(m) for m in metric_names]] for r in rows],
+            )
+        payload.update(self._overlays(Path(trainer.default_root_dir), wandb))
+        if payload:
+            logger.experiment.log(payload)
+        run = logger.experiment
+        if getattr(run.settings, "mode", "") == "offline" or getattr(run.settings, "_offline", False):
+            print(f"W&B run saved offline in {Path(run.dir).parent}; upload it with: wandb sync {Path(run.dir).parent}")
+
+    def _overlays(self, run_dir: Path, wandb: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for method_dir in sorted((run_dir / "overlays").glob("*")):
+            images = []
+            for sample_dir in sorted(method_dir.iterdir())[: self.max_overlays]:
+                meta = json.loads((sample_dir / "explanation.json").read_text())
+                caption = f"{meta['sample_id']}: {meta['answer']}"
+                if (sample_dir / "sequence.png").is_file():
+                    images.append(wandb.Image(str(sample_dir / "sequence.png"), caption=caption))
+                if (sample_dir / "tokens.png").is_file():
+                    images.append(wandb.Image(str(sample_dir / "tokens.png"), caption=caption + " (tokens)"))
+            if images:
+                out[f"overlays/{method_dir.name}"] = images
+        return out
+
+
+def _curves(groups: Any) -> dict[tuple[str, str], tuple[list[str], list[list[float]]]]:
+    """Mean curves of every curve metric (collective: call on every rank)."""
+    out = {}
+    for label, group in groups.items():
+        for name, metric in group.items():
+            if not hasattr(metric, "mean_curve"):
+                continue
+            curve = metric.mean_curve()
+            if len(curve) == 3:  # PIC: levels, x, y
+                levels, x, y = curve
+                out[(label, name)] = (["level", "normalized_size", "normalized_ppl_gain"], _rows(levels, x, y))
+            else:
+                levels, y = curve
+                out[(label, name)] = (["level", "normalized_ppl"], _rows(levels, y))
+    return out
+
+
+def _rows(*columns: torch.Tensor) -> list[list[float]]:
+    return [[float(c[i]) for c in columns] for i in range(len(columns[0]))]
+
+
+def _per_sample_rows(pl_module: Any, groups: Any, world_size: int) -> list[dict[str, Any]]:
+    """Per-sample metric values with their row ids (collective: call on every rank)."""
+    evaluator = getattr(pl_module, "evaluator", None)
+    if evaluator is None:
+        return []
+    ids = evaluator.rows
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, ids)
+        ids = {
+            label: {name: [i for part in gathered for i in part[label][name]] for name in group}
+            for label, group in ids.items()
+        }
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for label, group in groups.items():
+        for name, metric in group.items():
+            if not hasattr(metric, "per_sample"):
+                continue
+            values = metric.per_sample().tolist()
+            for row_id, value in zip(ids.get(label, {}).get(name, []), values, strict=False):
+                rows.setdefault((row_id, label), {"sample": row_id, "method": label})[name] = value
+    return list(rows.values())
