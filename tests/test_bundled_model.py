@@ -1,0 +1,60 @@
+"""The bundled Shapes checkpoint: small, safetensors, accurate, and explained exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.shapes import make_shapes_sample
+from dexar import SHAPES_CHECKPOINT, load_model, tracing
+from dexar.adapters import get_adapter
+from dexar.generation import generate_answers
+from dexar.methods import DexAR
+from dexar.reference import naive_dexar, naive_layer_grads
+
+
+@pytest.fixture(scope="module")
+def bundled64():
+    return load_model(SHAPES_CHECKPOINT, dtype="float64")
+
+
+def test_checkpoint_is_small_safetensors():
+    files = {p.name: p.stat().st_size for p in Path(SHAPES_CHECKPOINT).iterdir()}
+    assert "model.safetensors" in files and not any(n.endswith((".bin", ".pt", ".pkl")) for n in files)
+    assert sum(files.values()) <= 10 * 2**20
+
+
+def test_greedy_exact_match_on_500_held_out_images():
+    model, processor = load_model(SHAPES_CHECKPOINT)
+    adapter = get_adapter(model, processor)
+    hits = 0
+    for first in range(0, 500, 50):
+        samples = [make_shapes_sample(i, "test") for i in range(first, first + 50)]
+        answers = generate_answers(adapter, samples, max_new_tokens=16)
+        hits += sum(a.text == s.answer for a, s in zip(answers, samples, strict=True))
+    assert hits / 500 >= 0.90
+
+
+def test_one_pass_equals_naive_on_bundled_model(bundled64):
+    model, processor = bundled64
+    adapter = get_adapter(model, processor)
+    samples = [make_shapes_sample(i, "test") for i in (0, 1)]
+    answers = [adapter.tokenize_answer(s.answer) for s in samples]
+    prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
+    batch = adapter.build_batch(prompt_ids, answers, image_inputs)
+    trace = tracing.run(adapter, batch)
+    out = DexAR()(trace)
+    for b in range(2):
+        grads, _ = naive_layer_grads(adapter, batch, b)
+        length, pad = grads.shape[2], int((batch.inputs["attention_mask"][b] == 0).sum())
+        assert (trace.grads[b, :, :, -length:, pad:] - grads).abs().max() <= 1e-10
+        ids = batch.sample_inputs(b)["input_ids"][0]
+        image = torch.nonzero(ids == adapter.image_token_id)[:, 0]
+        n = len(ids)
+        text = [[j for j in range(n - length + t) if ids[j] != adapter.image_token_id] for t in range(length)]
+        maps, weights, seq = naive_dexar(grads, image, text, trace.grid)
+        assert (out.token_maps[b, -length:] - maps).abs().max() <= 1e-10
+        assert (out.token_weights[b, -length:] - weights).abs().max() <= 1e-10
+        assert (out.sequence_map[b] - seq).abs().max() <= 1e-10
