@@ -61,7 +61,13 @@ class HeatmapWriter(BasePredictionWriter):
                 tensors[f"{key}/token_weights"] = exp.token_weights.float().contiguous()
                 tensors[f"{key}/sequence_map"] = exp.sequence_map.float().contiguous()
                 records.append({"label": label, **exp.to_dict()})
-        meta = {"records": records, "failures": prediction.failures, "sample_ids": prediction.sample_ids}
+        unreadable = [{"id": m.id, "reason": m.reason} for m in getattr(batch, "skipped", ())]
+        meta = {
+            "records": records,
+            "failures": prediction.failures,
+            "unreadable": unreadable,
+            "sample_ids": prediction.sample_ids,
+        }
         save_file(tensors, str(shard_dir / f"batch{batch_idx:06d}.safetensors"), metadata={"json": json.dumps(meta)})
         self.written += len(prediction.sample_ids)
         self._overlays(prediction, batch, batch_indices)
@@ -69,6 +75,9 @@ class HeatmapWriter(BasePredictionWriter):
     def _overlays(self, prediction: Any, batch: list[Sample], batch_indices: Sequence[int] | None) -> None:
         if batch_indices is None:
             return
+        # Lightning's indices include samples the collate dropped as unreadable: drop them too.
+        unreadable = {m.index for m in getattr(batch, "skipped", ())}
+        batch_indices = [i for i in batch_indices if i not in unreadable]
         by_id = {s.id: (s, i) for s, i in zip(batch, batch_indices, strict=True)}
         for label, exps in prediction.explanations.items():
             for exp in exps:

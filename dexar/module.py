@@ -89,6 +89,7 @@ class ExplainerModule(L.LightningModule):
         self.explainer: Explainer | None = None
         self.evaluator: Evaluator | None = None
         self.failed: list[tuple[str, str]] = []
+        self.unreadable: list[tuple[str, str]] = []
         self.last_eval_timings: dict[str, float] = {}
         self.results: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -114,6 +115,7 @@ class ExplainerModule(L.LightningModule):
 
     def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         self.configure_model()
+        self.unreadable += [(m.id, m.reason) for m in getattr(batch, "skipped", ())]
         output = self._explain_batch(batch, batch_idx)
         self._evaluate(batch, output)
         return output
@@ -166,16 +168,22 @@ class ExplainerModule(L.LightningModule):
                 valid = int(torch.isfinite(per).sum())
                 results[label][name] = {"value": value, "count": valid, "skipped": int(per.numel()) - valid}
         self.results = results
-        failed = torch.tensor(float(len(self.failed)), device=self.device)
+        counts = torch.tensor([float(len(self.failed)), float(len(self.unreadable))], device=self.device)
         if self.trainer.world_size > 1:
-            failed = self.trainer.strategy.reduce(failed, reduce_op="sum")
-        self.num_failed = int(failed)
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.num_failed, self.num_unreadable = (int(c) for c in counts.tolist())
         if self.trainer.is_global_zero:
-            report_results(self.trainer, self, results, self.num_failed)
+            report_results(self.trainer, self, results, self.num_failed, self.num_unreadable)
 
 
-def report_results(trainer: L.Trainer, module: ExplainerModule, results: dict, num_failed: int) -> None:
-    """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table."""
+def report_results(
+    trainer: L.Trainer, module: ExplainerModule, results: dict, num_failed: int, num_unreadable: int = 0
+) -> None:
+    """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table.
+
+    ``failed_samples`` counts samples whose explanation raised; ``unreadable_samples`` those whose
+    files could not be decoded (dropped by the datamodule's collate), both summed over ranks.
+    """
     run_dir = Path(trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     datamodule = getattr(trainer, "datamodule", None)
@@ -186,7 +194,13 @@ def report_results(trainer: L.Trainer, module: ExplainerModule, results: dict, n
         for label, group in results.items()
         for name, stats in group.items()
     ]
-    payload = {"dataset": dataset, "model": model, "failed_samples": num_failed, "results": results}
+    payload = {
+        "dataset": dataset,
+        "model": model,
+        "failed_samples": num_failed,
+        "unreadable_samples": num_unreadable,
+        "results": results,
+    }
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
     with open(run_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["dataset", "model", "method", "metric", "value", "count", "skipped"])
@@ -194,10 +208,13 @@ def report_results(trainer: L.Trainer, module: ExplainerModule, results: dict, n
         writer.writerows(rows)
     if trainer.logger is not None and rows:
         trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in rows})
-        trainer.logger.log_metrics({"failed_samples": float(num_failed)})
+        trainer.logger.log_metrics({"failed_samples": float(num_failed), "unreadable_samples": float(num_unreadable)})
     if rows:
         width = max(len(r["method"]) for r in rows) + 2
         print(f"{'method':<{width}}{'metric':<24}{'value':>10}{'count':>8}{'skipped':>9}")
         for r in rows:
             print(f"{r['method']:<{width}}{r['metric']:<24}{r['value']:>10.4f}{r['count']:>8}{r['skipped']:>9}")
-    print(f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} ({num_failed} samples failed)")
+    print(
+        f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} "
+        f"({num_failed} samples failed, {num_unreadable} unreadable)"
+    )
