@@ -128,3 +128,196 @@ def naive_dexar(
     lo, hi = seq.min(), seq.max()
     seq = (seq - lo) / (hi - lo) if hi > lo else torch.zeros_like(seq)
     return token_maps, token_weights, seq
+
+
+def _textbook_forward(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, pixel_values=None):
+    """Full eager forward of one unpadded sample with the LM head, every parameter in the graph.
+
+    Returns:
+        ``(outputs, answer, positions)``: the model outputs (``attentions``, ``hidden_states``,
+        ``logits``), the answer ids and their predicting positions ``p_t``.
+
+    """
+    model = adapter.model
+    inputs = batch.sample_inputs(index)
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    n = inputs["input_ids"].shape[1]
+    length = int(batch.answer_lengths[index])
+    answer = inputs["input_ids"][0, n - length :]
+    positions = torch.arange(n - length - 1, n - 1, device=device)
+    with _attn_implementation(adapter.text_config, REFERENCE_NAME):
+        out = model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=False)
+    return out, answer, positions
+
+
+def naive_attentions(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int) -> torch.Tensor:
+    """``(L, H, N_b, N_b)`` every textbook attention matrix of sample ``index`` (unpadded)."""
+    with torch.no_grad():
+        out, _, _ = _textbook_forward(adapter, batch, index)
+    return torch.cat(out.attentions, dim=0)
+
+
+def _with_parameter_grads(model):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)  # nothing detached, nothing frozen: the textbook graph
+    return flags
+
+
+def naive_final_logit_grads(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``∂y_t^L/∂A^l`` of the model's own logit ``y_t^L = logits[p_t, w_t]``, one autograd call per token.
+
+    Returns:
+        ``(grads (T_b, L, H, N_b, N_b), attentions (L, H, N_b, N_b))``.
+
+    """
+    flags = _with_parameter_grads(adapter.model)
+    try:
+        with torch.enable_grad():
+            out, answer, positions = _textbook_forward(adapter, batch, index)
+            grads = []
+            for t in range(len(answer)):
+                y = out.logits[0, positions[t], answer[t]]
+                found = torch.autograd.grad(y, out.attentions, retain_graph=True)
+                grads.append(torch.cat(found, dim=0))
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return torch.stack(grads), torch.cat(out.attentions, dim=0).detach()
+
+
+def naive_hidden_grads(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``∂y_t^L/∂h^k`` w.r.t. decoder layer ``k``'s input hidden states, one autograd call per token.
+
+    Returns:
+        ``(grads (T_b, N_b, D), hidden (N_b, D))`` over the sample's unpadded sequence.
+
+    """
+    flags = _with_parameter_grads(adapter.model)
+    k = layer % len(adapter.decoder_layers)
+    try:
+        with torch.enable_grad():
+            out, answer, positions = _textbook_forward(adapter, batch, index)
+            hidden = out.hidden_states[k]  # HF: hidden_states[k] is the input of decoder layer k
+            grads = []
+            for t in range(len(answer)):
+                y = out.logits[0, positions[t], answer[t]]
+                (g,) = torch.autograd.grad(y, hidden, retain_graph=True)
+                grads.append(g[0])
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return torch.stack(grads), hidden[0].detach()
+
+
+def naive_log_probs(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, pixel_values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(T_b,)`` ``log p(w_t | image, prompt, w_<t)`` from the model's full logits (unpadded sample)."""
+    with torch.no_grad():
+        out, answer, positions = _textbook_forward(adapter, batch, index, pixel_values)
+        logp = out.logits[0, positions].double().log_softmax(-1)
+    return logp.gather(-1, answer[:, None])[:, 0]
+
+
+_INJECT: dict[int, torch.Tensor] = {}
+INJECT_NAME = "dexar_reference_inject"
+
+
+def _inject_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Textbook attention, except that a layer listed in ``_INJECT`` uses the given probabilities."""
+    probs = _INJECT.get(getattr(module, "layer_idx", -1))
+    if probs is None:
+        return reference_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    value = value.repeat_interleave(getattr(module, "num_key_value_groups", 1), dim=1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(INJECT_NAME, _inject_attention_forward)
+AttentionMaskInterface.register(INJECT_NAME, eager_mask)
+
+
+def naive_iia(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, steps: int) -> torch.Tensor:
+    """IIA's integrated ``Ā_t^l`` for one unpadded sample, loop by loop (one autograd call per α, β, t).
+
+    For ``α, β ∈ {0, 1/s, …, 1}``: the image ``α·x``, the last layer's attention replaced by the leaf
+    ``β·A^L(α·x)``, ``f_t = log p(w_t)`` from the model's full logits; ``mean_{α,β} mean_h
+    ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})``.
+
+    Returns:
+        ``(T_b, L, N_b, N_b)``.
+
+    """
+    model = adapter.model
+    last = len(adapter.decoder_layers) - 1
+    pixels = batch.sample_inputs(index)["pixel_values"].to(next(model.parameters()).dtype)
+    points = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    total = None
+    flags = _with_parameter_grads(model)
+    try:
+        for alpha in points:
+            with torch.no_grad():
+                out, _, _ = _textbook_forward(adapter, batch, index, pixels * alpha)
+            attn_last = out.attentions[last].detach()
+            for beta in points:
+                _INJECT[last] = (attn_last * beta).requires_grad_(True)
+                try:
+                    with torch.enable_grad(), _attn_implementation(adapter.text_config, INJECT_NAME):
+                        inputs = batch.sample_inputs(index)
+                        inputs["pixel_values"] = pixels * alpha
+                        inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+                        out = model(**inputs, output_attentions=True, use_cache=False)
+                        n, length = inputs["input_ids"].shape[1], int(batch.answer_lengths[index])
+                        answer = inputs["input_ids"][0, n - length :]
+                        logp = out.logits[0, n - length - 1 : n - 1].log_softmax(-1)
+                        cams = []
+                        for t in range(length):
+                            grads = torch.autograd.grad(logp[t, answer[t]], out.attentions, retain_graph=True)
+                            pairs = zip(grads, out.attentions, strict=True)
+                            cams.append(torch.cat([(g * a.detach()).clamp(min=0).mean(1) for g, a in pairs]))
+                finally:
+                    _INJECT.clear()
+                cams = torch.stack(cams)
+                total = cams if total is None else total + cams
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return total / len(points) ** 2
+
+
+def naive_last_norm_grads(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``∂y_t^L/∂x̂`` w.r.t. the last decoder layer's normalised input, one autograd call per token.
+
+    ``x̂`` is the output of its ``input_layernorm`` (Llama family).
+
+    Returns:
+        ``(grads (T_b, N_b, D), normalised (N_b, D))`` over the sample's unpadded sequence.
+
+    """
+    captured: list[torch.Tensor] = []
+    norm = adapter.decoder_layers[-1].input_layernorm
+    handle = norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    flags = _with_parameter_grads(adapter.model)
+    try:
+        with torch.enable_grad():
+            out, answer, positions = _textbook_forward(adapter, batch, index)
+            grads = []
+            for t in range(len(answer)):
+                y = out.logits[0, positions[t], answer[t]]
+                (g,) = torch.autograd.grad(y, captured[0], retain_graph=True)
+                grads.append(g[0])
+    finally:
+        handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return torch.stack(grads), captured[0][0].detach()

@@ -31,10 +31,18 @@ class MethodOutput:
 
 
 class Method(Protocol):
-    """An explanation method: ``needs`` declares what the trace must record."""
+    """An explanation method: ``needs`` declares what the trace must record.
+
+    ``needs`` is usually a class constant; a method whose needs depend on its options (GradCAM's
+    layer) makes it a property.
+    """
 
     name: ClassVar[str]
-    needs: ClassVar[frozenset[str]]
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Trace needs (:data:`dexar.tracing.NEEDS`, ``hidden_grads:<layer>``)."""
+        ...
 
     def __call__(self, trace: Trace) -> MethodOutput:
         """Explain every sample of the traced batch."""
@@ -81,3 +89,58 @@ def finish(trace: Trace, raw_token_maps: torch.Tensor, token_weights: torch.Tens
         token_empty=token_empty & answer,
         sequence_empty=sequence_empty,
     )
+
+
+def unit_rows(trace: Trace) -> torch.Tensor:
+    """``(B, T, N)`` one-hot rows ``e_{p_t}`` at each answer slot's predicting position."""
+    b, t = trace.answer_mask.shape
+    n = trace.batch.input_ids.shape[1]
+    rows = torch.zeros(b, t, n, device=trace.answer_mask.device)
+    positions = torch.arange(trace.rows.start, trace.rows.stop, device=rows.device)
+    rows[:, torch.arange(t, device=rows.device), positions] = 1
+    return rows
+
+
+def rollout_rows(trace: Trace, matrices: torch.Tensor, residual: str) -> torch.Tensor:
+    """Row ``p_t`` of a product over layers ``M^L ⋯ M^1``, by row-vector recursion (``O(L·N²)`` per token).
+
+    Args:
+        trace: The trace (predicting rows, image columns).
+        matrices: ``(B, L, N, N)`` shared by all tokens or ``(B, T, L, N, N)`` per token.
+        residual: ``"normalize"``: ``M^l = rownorm(matrices^l + I)`` (rollout); ``"add"``:
+            ``M^l = I + matrices^l`` (Chefer's ``R ← R + Ā·R``).
+
+    Returns:
+        ``(B, T, V)`` the image columns of ``e_{p_t}ᵀ M^L ⋯ M^1``.
+
+    """
+    per_token = matrices.dim() == 5
+    num_layers = matrices.shape[2] if per_token else matrices.shape[1]
+    row = unit_rows(trace).to(matrices.dtype)
+    for layer in reversed(range(num_layers)):
+        m = matrices[:, :, layer] if per_token else matrices[:, None, layer]  # (B, T|1, N, N)
+        if residual == "normalize":
+            eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+            m = m + eye
+            m = m / m.sum(-1, keepdim=True)
+            row = (row[..., None, :] @ m)[..., 0, :]
+        else:
+            row = row + (row[..., None, :] @ m)[..., 0, :]
+    return trace.image_columns(row)
+
+
+def pool_to_grid(values: torch.Tensor, grid: tuple[int, int], reduce: str = "sum") -> torch.Tensor:
+    """Pool pixel values ``(..., H, W)`` onto the image-token grid: ``(..., h·w)`` (row-major).
+
+    ``reduce="sum"`` keeps totals (attributions); ``"mean"`` averages (expectations). When ``H, W``
+    are multiples of ``h, w`` (every LLaVA: each token is one patch) the pooling is exact per patch,
+    else adaptive average pooling is used.
+    """
+    h, w = grid
+    big_h, big_w = values.shape[-2:]
+    lead = values.shape[:-2]
+    flat = values.reshape(-1, 1, big_h, big_w)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(flat, (h, w))
+    if reduce == "sum":
+        pooled = pooled * (big_h * big_w / (h * w))
+    return pooled.reshape(*lead, h * w)

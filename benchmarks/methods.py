@@ -1,0 +1,135 @@
+"""Seconds per image of every explanation method, relative to DEX-AR, on the same model and inputs.
+
+Model: random LLaVA (by default 8 decoder layers, hidden 512, 8 heads, 576 image tokens = 24×24 grid
+of a 336-px image, patch 14, as ``benchmarks/one_pass.py``), a ``--answer-tokens`` answer, float32,
+SDPA. Everything runs in one process, methods in turn on the same inputs; each method's time is one
+:func:`dexar.tracing.run` with its own needs plus the method (median of ``--repeats``; the costly
+ones once), after one warm-up of everything, repeats taken round-robin so that load changes
+hit every method alike. The last rows time the shared trace of several methods against the sum of their
+separate runs. Ratios only: absolute times depend on the machine.
+
+    python benchmarks/methods.py [--repeats 3] [--answer-tokens 20] [--threads 2]
+    python benchmarks/methods.py --layers 2 --hidden 64 --grid 6 --answer-tokens 4   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP = ("dexar", "dexar_attn", "attention", "rollout", "gradcam", "attngrad", "tam")
+COSTLY = ("chefercam", "integrated_gradients", "rise", "iia")
+PAPER = {  # the paper's table 1, seconds relative to DEX-AR
+    "attention": 0.63,
+    "gradcam": 0.93,
+    "attngrad": 0.92,
+    "chefercam": 8.7,
+    "integrated_gradients": 11.5,
+    "rise": 16.6,
+    "iia": 21.5,
+}
+
+
+def _setup(args):
+    import torch
+
+    from datamodules.shapes import make_shapes_sample
+    from dexar.adapters import get_adapter
+    from dexar.testing import random_llava
+
+    model, processor = random_llava(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        grid=args.grid,
+        patch=14,
+        vision_hidden=64,
+        vision_layers=1,
+        dtype=torch.float32,
+    )
+    adapter = get_adapter(model, processor)
+    sample = make_shapes_sample(0)
+    words = ("i see a red circle and a blue square and a green triangle " * 8).split()
+    answer_ids = adapter.tokenize_answer(" ".join(words))[: args.answer_tokens]
+    prompt_ids, image_inputs = adapter.encode_prompts([sample.image], [sample.prompt])
+    return adapter, adapter.build_batch(prompt_ids, [answer_ids], image_inputs)
+
+
+def _methods(names):
+    from dexar.methods import DexAR, build_method
+
+    out = {}
+    for name in names:
+        out[name] = DexAR(weight_by_attention=True) if name == "dexar_attn" else build_method(name)
+    return out
+
+
+def _interleaved(fns: dict, repeats: dict[str, int]) -> dict[str, float]:
+    """Median seconds of each function; one warm-up each, then repeats taken round-robin."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_ < repeats[name]:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--answer-tokens", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--grid", type=int, default=24)
+    parser.add_argument("--methods", nargs="*", default=list(CHEAP + COSTLY))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from dexar import tracing
+
+    torch.set_num_threads(args.threads)
+    adapter, batch = _setup(args)
+    methods = _methods(["dexar", *[m for m in args.methods if m != "dexar"]])
+
+    def run(names):
+        union = frozenset().union(*(methods[n].needs for n in names))
+        trace = tracing.run(adapter, batch, union)
+        for n in names:
+            methods[n](trace)
+
+    shared = [n for n in methods if n in CHEAP or n == "chefercam"]
+    fns = {name: (lambda name=name: run([name])) for name in methods}
+    fns["shared"] = lambda: run(shared)
+    repeats = {name: args.repeats if name in CHEAP else 1 for name in methods}
+    repeats["shared"] = args.repeats
+    seconds = _interleaved(fns, repeats)
+    together = seconds.pop("shared")
+    ref = seconds["dexar"]
+    print(f"sequence: {batch.input_ids.shape[1]} tokens, {args.answer_tokens} answer tokens, {args.threads} threads")
+    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.grid}x{args.grid} image grid")
+    for name in COSTLY:
+        if name in methods:
+            print(f"  {name}: {dataclasses.asdict(methods[name])}")
+    print(f"{'method':<22}{'s/image':>10}{'× DEX-AR':>10}{'paper ×':>9}")
+    for name, sec in seconds.items():
+        paper = f"{PAPER[name]:.2f}" if name in PAPER else "-"
+        print(f"{name:<22}{sec:>10.3f}{sec / ref:>10.2f}{paper:>9}")
+    separate = sum(seconds[n] for n in shared)
+    print(f"one shared trace for {', '.join(shared)}: {together:.3f} s ({together / ref:.2f}× DEX-AR)")
+    print(f"the same methods traced separately: {separate:.3f} s ({separate / ref:.2f}× DEX-AR)")
+
+
+if __name__ == "__main__":
+    main()
