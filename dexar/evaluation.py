@@ -86,6 +86,8 @@ class Evaluator:
             label: {name: metric_kind(name, m) for name, m in group.items()} for label, group in self.metrics.items()
         }
         self.rows = {label: {name: [] for name in group} for label, group in self.metrics.items()}
+        if any(k.startswith("perturbation:") for kinds in self.kinds.values() for k in kinds.values()):
+            self.adapter.check_pixel_perturbation()  # fail at setup, not mid-run
         self.curves: dict[str, dict[str, dict[str, list[float]]]] = {}
 
     def update(self, samples: list[Sample], explanations: Mapping[str, list[Explanation]]) -> None:
@@ -145,8 +147,7 @@ class Evaluator:
     def _perturbation(self, label: str, sample: Sample, exp: Explanation, modes: dict[str, str]) -> None:
         group = self.metrics[label]
         answer_ids = self.adapter.tokenize_answer(sample.answer)
-        start = int(exp.answer_positions[0]) if len(exp.answer_positions) else exp.inputs["input_ids"].shape[1]
-        prompt_ids = exp.inputs["input_ids"][0, :start].tolist()
+        prompt_ids = self.adapter.explained_prompt_ids(exp.inputs, exp.answer_positions)
         levels = {mode: [float(x) for x in group[name].levels] for name, mode in modes.items()}
         device = next(self.adapter.model.parameters()).device
         curves = perturbation_curves(

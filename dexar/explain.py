@@ -35,6 +35,8 @@ class Explainer:
     def __init__(self, model: nn.Module, processor: Any, methods: Mapping[str, Method] | None = None) -> None:
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.methods: dict[str, Method] = dict(methods) if methods else {"dexar": build_method("dexar")}
+        for method in self.methods.values():
+            self.adapter.check_method(method.name)  # a one-line error for a method the architecture lacks
         self.last_timings: dict[str, float] = {}
         """Seconds of the last ``explain_samples`` call by phase: ``generation``, ``trace``, ``method/<label>``."""
 
@@ -74,7 +76,18 @@ class Explainer:
         keep_eos: bool = False,
         keep_images: bool = True,
     ) -> dict[str, list[Explanation]]:
-        """Explain a batch: one trace (one forward + at most one backward), every method on it."""
+        """Explain a batch: one trace (one forward + at most one backward), every method on it.
+
+        Samples whose images give different image-token layouts (:meth:`VLMAdapter.grid_key`:
+        dynamic resolution, tiles) are traced in sub-batches of equal layout; results keep the
+        samples' order.
+        """
+        groups: dict[Any, list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(self.adapter.grid_key(sample.image), []).append(i)
+        if len(groups) > 1:
+            parts = list(groups.values())
+            return self._explain_groups(samples, parts, answer_source, max_new_tokens, keep_eos, keep_images)
         device = next(self.adapter.model.parameters()).device
         clock = PhaseClock(device)
         answer_ids, texts = self.answer_ids(samples, answer_source, max_new_tokens, keep_eos)
@@ -114,11 +127,33 @@ class Explainer:
         self.last_timings = clock.laps
         return results
 
+    def _explain_groups(
+        self,
+        samples: list[Sample],
+        groups: list[list[int]],
+        answer_source: str,
+        max_new_tokens: int,
+        keep_eos: bool,
+        keep_images: bool,
+    ) -> dict[str, list[Explanation]]:
+        """Explain each group of sample indices as its own batch; merge results (input order) and timings."""
+        results: dict[str, list[Explanation | None]] = {name: [None] * len(samples) for name in self.methods}
+        timings: dict[str, float] = {}
+        for group in groups:
+            subset = [samples[i] for i in group]
+            part = self.explain_samples(subset, answer_source, max_new_tokens, keep_eos, keep_images)
+            for name, explanations in part.items():
+                for i, explanation in zip(group, explanations, strict=True):
+                    results[name][i] = explanation
+            for phase, seconds in self.last_timings.items():
+                timings[phase] = timings.get(phase, 0.0) + seconds
+        self.last_timings = timings
+        return {name: [e for e in exps if e is not None] for name, exps in results.items()}
+
     @staticmethod
     def _positions(batch: tracing.TeacherForcedBatch, index: int) -> torch.Tensor:
         """Answer positions in the unpadded ``input_ids`` of one sample."""
-        pad = int((batch.inputs["attention_mask"][index] == 0).sum())
-        return (batch.answer_positions(index) - pad).cpu()
+        return batch.unpadded_answer_positions(index).cpu()
 
 
 class PhaseClock:

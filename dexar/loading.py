@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dexar.adapters import ADAPTERS, DexarInputError
+from dexar.adapters.processing import ImageTextProcessor
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +44,12 @@ def load_model(
     """
     source = str(name_or_path)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except ImportError:
+            # Qwen2-VL / SmolVLM processors also build a video processor, which needs torchvision; the
+            # adapters use only the tokenizer and the image processor.
+            processor = ImageTextProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=resolve_dtype(dtype), attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )

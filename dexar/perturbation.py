@@ -448,13 +448,13 @@ def explanation_curves(
 ) -> dict[str, PerturbationCurve]:
     """Curves of an :class:`~dexar.explanation.Explanation`'s sequence map on its own teacher-forced inputs.
 
-    The prompt is ``inputs["input_ids"]`` before the first answer position; the answer is
+    The prompt is :meth:`VLMAdapter.explained_prompt_ids` (decoder-only: ``input_ids`` before the first
+    answer position; encoder-decoder: the encoder's ``input_ids``); the answer is
     ``explanation.token_ids`` (the explained answer: generated or ground truth, as explained).
     """
     if not explanation.token_ids:
         raise ValueError("the explanation has no answer token, so no perplexity")
-    ids = explanation.inputs["input_ids"][0].tolist()
-    prompt_ids = ids[: int(explanation.answer_positions[0])]
+    prompt_ids = adapter.explained_prompt_ids(explanation.inputs, explanation.answer_positions)
     return perturbation_curves(
         adapter,
         explanation.inputs["pixel_values"],

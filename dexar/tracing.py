@@ -45,6 +45,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,6 +96,9 @@ class _CaptureState:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     rows_only: int | None = None
+    rows_pass: bool = False
+    rows_layer: int | None = None
+    row_values: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _STATE: ContextVar[_CaptureState | None] = ContextVar("dexar_capture_state", default=None)
@@ -238,6 +242,10 @@ def capture_attention_forward(
     """SDPA for every row; the traced rows recomputed from a captured (leaf) probability tensor."""
     state = _STATE.get()
     layer = getattr(module, "layer_idx", None)
+    if state is not None and layer is not None and state.rows_layer == layer:
+        # The answer-rows re-run of this layer (see _detach_layer_inputs): rows from the leaf.
+        values = state.row_values.pop(layer)
+        return torch.matmul(state.probs[layer], values).to(query.dtype).transpose(1, 2), None
     if state is not None and layer is not None and state.graph_from is not None and layer >= state.graph_from:
         return _graph_attention(module, query, key, value, attention_mask, scaling, is_causal, state, layer)
     out, _ = sdpa_attention_forward(
@@ -253,6 +261,9 @@ def capture_attention_forward(
             state.mean_probs[layer] = _all_row_probs(module, query, key, attention_mask, scaling, is_causal).mean(1)
     groups = getattr(module, "num_key_value_groups", 1)
     value = repeat_kv(value, groups) if groups > 1 else value
+    if state.rows_pass:  # the graph is built by the layer's answer-rows re-run, not here
+        state.row_values[layer] = value.detach().to(leaf.dtype)
+        return out, None
     rows = torch.matmul(leaf, value.to(leaf.dtype)).to(out.dtype).transpose(1, 2)  # (B, T, H, D)
     out = torch.cat([out[:, : state.start], rows, out[:, state.stop :]], dim=1)
     return out, None
@@ -368,27 +379,76 @@ def _session(adapter: VLMAdapter, state: _CaptureState, grad: bool = True) -> It
         _STATE.reset(token)
 
 
-def _detach_layer_inputs(layers: nn.ModuleList, outputs: list[torch.Tensor | None], start: int, stop: int) -> list:
-    """Hooks: detach each decoder layer's input hidden states; keep its output rows ``start:stop``."""
+def _detach_layer_inputs(
+    layers: nn.ModuleList, outputs: list[torch.Tensor | None], start: int, stop: int, state: _CaptureState
+) -> list:
+    """Hooks: detach each decoder layer's input hidden states; keep its output rows ``start:stop``.
+
+    With ``state.rows_pass`` the forward runs without autograd and each layer, right after its full
+    forward, is run again on its answer rows only, with grad: its attention returns ``leaf @ V`` (the
+    captured probabilities times the full pass's values), and everything after attention (output
+    projection, residuals, norms, MLP) is row-local, so the rows equal the full pass's rows while the
+    graph holds ``T`` rows instead of ``N``. Memory: ``L·T·(D + MLP width)`` instead of ``L·N·(…)``.
+    """
 
     def pre_hook(module, args, kwargs):
+        if state.rows_layer is not None:  # the answer-rows re-run: inputs already sliced and detached
+            return None
         if args:
             return (args[0].detach(), *args[1:]), kwargs
         kwargs["hidden_states"] = kwargs["hidden_states"].detach()
         return args, kwargs
 
     def make_post(index: int):
-        def post_hook(module, args, output):
+        def post_hook(module, args, kwargs, output):
+            if state.rows_layer is not None:
+                return None
             hidden = output[0] if isinstance(output, tuple) else output
-            outputs[index] = hidden[:, start:stop]
+            if state.rows_pass and index in state.row_values:
+                hidden = _rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], start, stop, state)
+                outputs[index] = hidden
+            else:
+                outputs[index] = hidden[:, start:stop]
+            return None
 
         return post_hook
 
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(layer.register_forward_hook(make_post(i)))
+        handles.append(layer.register_forward_hook(make_post(i), with_kwargs=True))
     return handles
+
+
+def _slice_sequence(value: Any, n: int, start: int, stop: int, dim: int) -> Any:
+    """``value[..., start:stop, ...]`` along ``dim`` for tensors (or tuples of them) of length ``n`` there."""
+    if isinstance(value, tuple):
+        return tuple(_slice_sequence(v, n, start, stop, dim) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= -dim and value.shape[dim] == n:
+        return value.narrow(dim % value.dim(), start, stop - start)
+    return value
+
+
+def _rerun_answer_rows(
+    layer: nn.Module, index: int, args: tuple, kwargs: dict, n: int, start: int, stop: int, state: _CaptureState
+) -> torch.Tensor:
+    """Decoder layer ``index`` on its answer rows only, with grad; attention rows come from the leaf."""
+    hidden = (args[0] if args else kwargs["hidden_states"]).detach()[:, start:stop]
+    rows_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    rows_kwargs["past_key_values"] = None
+    rows_kwargs["use_cache"] = False
+    if "position_embeddings" in rows_kwargs:  # (cos, sin): sequence on dim -2 (also M-RoPE's (3, B, N, d))
+        rows_kwargs["position_embeddings"] = _slice_sequence(rows_kwargs["position_embeddings"], n, start, stop, -2)
+    for key in ("position_ids", "cache_position"):
+        if key in rows_kwargs:
+            rows_kwargs[key] = _slice_sequence(rows_kwargs[key], n, start, stop, -1)
+    state.rows_layer = index
+    try:
+        with torch.enable_grad():
+            out = layer(hidden, *args[1:], **rows_kwargs)
+    finally:
+        state.rows_layer = None
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _graph_layer_hooks(
@@ -471,7 +531,7 @@ def _forward(
     inputs: dict[int, torch.Tensor] = {}
     last: list[torch.Tensor | None] = [None]
     if state.graph_from is None:
-        handles = _detach_layer_inputs(layers, rows, state.start, state.stop)
+        handles = _detach_layer_inputs(layers, rows, state.start, state.stop, state)
     else:
         handles = _graph_layer_hooks(layers, state.graph_from, keep or set(), inputs, rows, state.start, state.stop)
     if keep_last:
@@ -488,12 +548,13 @@ def _forward(
     answer_ids = batch.answer_ids.to(batch.input_ids.device)
     answer_mask = answer_ids >= 0
     unembed = adapter.unembedding.weight[answer_ids.clamp(min=0)]  # (B, T, D)
-    hidden = torch.stack(rows, dim=1)  # (B, L, T, D)
-    lens = (adapter.final_norm(hidden) * unembed[:, None].to(hidden.dtype)).sum(-1)  # (B, L, T)
-    bias = getattr(adapter.unembedding, "bias", None)
-    if bias is not None:
-        lens = lens + bias[answer_ids.clamp(min=0)][:, None]
-    lens = lens * answer_mask[:, None]
+    with torch.set_grad_enabled(torch.is_grad_enabled() or state.rows_pass):  # rows-pass rows carry the graph
+        hidden = torch.stack(rows, dim=1)  # (B, L, T, D)
+        lens = (adapter.final_norm(hidden) * unembed[:, None].to(hidden.dtype)).sum(-1)  # (B, L, T)
+        bias = getattr(adapter.unembedding, "bias", None)
+        if bias is not None:
+            lens = lens + bias[answer_ids.clamp(min=0)][:, None]
+        lens = lens * answer_mask[:, None]
     return _Forward(rows, inputs, last[0], lens, answer_ids, answer_mask)
 
 
@@ -675,6 +736,10 @@ def run(
         The :class:`Trace`; tensors stay on the model's device.
 
     """
+    if getattr(adapter, "cross_attention", False):  # encoder-decoder: the decoder's cross-attention
+        from dexar import tracing_cross
+
+        return tracing_cross.run(adapter, batch, needs, grad_chunk)
     layers = adapter.decoder_layers
     num_layers = len(layers)
     plain, grad_layers = _parse_needs(needs, num_layers)
@@ -687,18 +752,20 @@ def run(
     graph_from = 0 if want_final else (grad_layers[0] if grad_layers else None)
     full = want_final or "full_attention" in plain
     state = _CaptureState(start, stop, want_grads, full=full, graph_from=graph_from)
+    state.rows_pass = want_grads and graph_from is None and adapter.row_local_layers
     if graph_from is not None and not full:
         state.rows_only = num_layers - 1  # only hidden_grads: y^L needs the last layer's answer rows only
 
     layer_grads: dict[int, torch.Tensor] = {}
     final_grad_attention = None
     grad_x_hidden: dict[int, torch.Tensor] = {}
-    with _session(adapter, state):
+    with _session(adapter, state, grad=not state.rows_pass):
         fwd = _forward(adapter, batch, state, set(grad_layers), "hidden_states" in plain)
         lens = fwd.lens
         if graph_from is None:
             if want_grads:
-                lens.sum().backward()
+                with torch.enable_grad():  # the rows pass ran the forward itself without autograd
+                    lens.sum().backward()
         else:
             graph = list(range(graph_from, num_layers))
             final = lens[:, -1]  # y_t^L: the model's own logit of w_t
@@ -782,15 +849,22 @@ def answer_log_probs(
     Args:
         adapter: Adapter of the model.
         batch: The traced batch.
-        pixel_values: ``(B, C, H, W)`` one image per sample, or with ``index`` ``(K, C, H, W)`` images
-            all for sample ``index``.
+        pixel_values: ``(B, C, H, W)`` one image per sample, or with ``index`` ``(K, *view)`` pixel views
+            all for sample ``index`` (:meth:`VLMAdapter.pixel_view`; ``(K, C, H, W)`` for LLaVA).
         index: Score only this sample (its padded row repeated ``K`` times).
 
     Returns:
         ``(B, T)`` or ``(K, T)`` log-probabilities, 0 on padding slots.
 
     """
-    sub = _sample_inputs(batch, index, pixel_values)
+    if getattr(adapter, "cross_attention", False):  # encoder-decoder: the decoder's rows
+        from dexar import tracing_cross
+
+        return tracing_cross.answer_log_probs(adapter, batch, pixel_values, index)
+    if index is None:
+        sub = _sample_inputs(batch, None, pixel_values)
+    else:  # the adapter knows how one sample's pixels batch up (per-sample grids, tiles)
+        sub = adapter.repeat_sample(batch, index, pixel_values)
     start, stop = _answer_span(sub)
     last: list[torch.Tensor | None] = [None]
 

@@ -102,3 +102,22 @@ def test_unknown_needs_rejected(tiny64, samples):
     adapter, batch = _batch(model, processor, samples[:1], [2])
     with pytest.raises(ValueError, match="unknown trace needs"):
         tracing.run(adapter, batch, {"hidden_states_everywhere"})
+
+
+def test_answer_rows_rerun_equals_full_graph_and_is_used(tiny64, samples, monkeypatch):
+    """The rows re-run (graph over T rows) gives the same trace as the graph over every row."""
+    model, processor = tiny64
+    adapter, batch = _batch(model, processor, samples[:3], [9, 1, 5])
+    assert adapter.row_local_layers
+    calls = []
+    rerun = tracing._rerun_answer_rows
+    monkeypatch.setattr(tracing, "_rerun_answer_rows", lambda *a, **k: calls.append(a[1]) or rerun(*a, **k))
+    rows = tracing.run(adapter, batch)
+    assert calls == list(range(len(adapter.decoder_layers)))
+    monkeypatch.setattr(type(adapter), "row_local_layers", False)
+    full = tracing.run(adapter, batch)
+    assert len(calls) == len(adapter.decoder_layers)  # the full-graph path does not re-run
+    assert rows.grads.abs().max() > 1e-3
+    assert (rows.grads - full.grads).abs().max() <= 1e-12
+    assert (rows.attentions - full.attentions).abs().max() == 0
+    assert (rows.logit_lens - full.logit_lens).abs().max() <= 1e-12

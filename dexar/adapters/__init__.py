@@ -7,9 +7,17 @@ from typing import Any
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.florence2 import Florence2Adapter
+from dexar.adapters.idefics3 import Idefics3Adapter
 from dexar.adapters.llava import LlavaAdapter
+from dexar.adapters.llava_next import LlavaNextAdapter
+from dexar.adapters.paligemma import PaliGemmaAdapter
+from dexar.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[VLMAdapter]] = {
+    t: cls for cls in (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter, Idefics3Adapter) for t in cls.model_types
+}
+ADAPTERS.update({t: cls for cls in (PaliGemmaAdapter, Florence2Adapter) for t in cls.model_types})
 
 
 def get_adapter(model: nn.Module, processor: Any) -> VLMAdapter:

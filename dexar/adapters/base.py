@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +23,10 @@ class TeacherForcedBatch:
         inputs: Model keyword inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
         answer_ids: ``(B, T)`` answer token ids, right-aligned; padding is ``-1``.
         answer_lengths: ``(B,)`` number of answer tokens of each sample.
-        image_grid: ``(h, w)`` of the image-token grid (same for every sample of the batch).
+        image_grid: ``(h, w)`` of the image-token grid (same for every sample of the batch); with a
+            ``cell_map``, the grid of the full-image map.
+        cell_map: ``(h·w, V)`` linear map from the ``V`` image-token values (sequence order) to the
+            full-image cells (row-major), for tiled images; ``None``: the tokens are the grid.
 
     """
 
@@ -30,6 +34,7 @@ class TeacherForcedBatch:
     answer_ids: torch.Tensor
     answer_lengths: torch.Tensor
     image_grid: tuple[int, int]
+    cell_map: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -47,13 +52,18 @@ class TeacherForcedBatch:
         length = int(self.answer_lengths[index])
         return torch.arange(n - length, n)
 
+    def unpadded_answer_positions(self, index: int) -> torch.Tensor:
+        """Indices of sample ``index``'s answer tokens in its unpadded ``input_ids`` (left padding removed)."""
+        pad = int((self.inputs["attention_mask"][index] == 0).sum())
+        return self.answer_positions(index) - pad
+
     def sample_inputs(self, index: int) -> dict[str, torch.Tensor]:
         """The exact, unpadded model inputs of one sample (batch dimension kept)."""
         mask = self.inputs["attention_mask"][index].bool()
         out: dict[str, torch.Tensor] = {}
         for key, value in self.inputs.items():
             row = value[index : index + 1]
-            if key in ("input_ids", "attention_mask", "position_ids"):
+            if key in ("input_ids", "attention_mask", "position_ids", "token_type_ids"):
                 row = row[:, mask]
             out[key] = row.detach().cpu().clone()
         return out
@@ -68,6 +78,10 @@ class VLMAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     prompt_template: ClassVar[str] = "{prompt}"
+    row_local_layers: ClassVar[bool] = False
+    """True if everything in a decoder layer but attention acts on each row alone (pre-norm LLaMA-style
+    blocks): the tracer then re-runs each layer on the answer rows only to build the gradient graph
+    (see ``tracing._detach_layer_inputs``), holding ``T`` rows in memory instead of ``N``."""
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -163,6 +177,52 @@ class VLMAdapter:
             inputs = {k: v.to(device) for k, v in inputs.items()}
         lengths = torch.tensor([len(a) for a in answer_ids], dtype=torch.long)
         return TeacherForcedBatch(inputs, answers, lengths, self.image_grid(image_inputs))
+
+    # -- per-sample image geometry (dynamic resolution, tiles) ----------------------------------
+    def grid_key(self, image: Image.Image) -> Any:
+        """Samples whose images give equal keys share one batch (same image-token layout); ``None``: any."""
+        return None
+
+    def pixel_view(self, batch: TeacherForcedBatch, index: int) -> torch.Tensor:
+        """Sample ``index``'s pixels as ``(..., C, H, W)`` images that :meth:`repeat_sample` takes back."""
+        return batch.inputs["pixel_values"][index]
+
+    def repeat_sample(self, batch: TeacherForcedBatch, index: int, views: torch.Tensor) -> TeacherForcedBatch:
+        """Row ``index`` of ``batch`` repeated once per pixel view in ``views`` (``(K, *pixel_view.shape)``)."""
+        k = views.shape[0]
+        inputs = {}
+        for name, value in batch.inputs.items():
+            inputs[name] = views if name == "pixel_values" else value[index : index + 1].expand(k, *value.shape[1:])
+        answer_ids = batch.answer_ids[index : index + 1].expand(k, -1)
+        return dataclasses.replace(batch, inputs=inputs, answer_ids=answer_ids)
+
+    def pool_view(self, batch: TeacherForcedBatch, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Pool pixel-view maps ``(..., *pixel_view.shape[:-3], H, W)`` onto the image tokens: ``(..., V)``."""
+        from dexar.methods.base import pool_to_grid  # the methods import this module
+
+        return pool_to_grid(values, batch.image_grid, reduce)
+
+    def check_method(self, name: str) -> None:
+        """Raise :class:`DexarInputError` if method ``name`` is not defined for this architecture."""
+
+    pixel_perturbation: ClassVar[bool] = True
+    """True if ``pixel_values`` is one ``(C, H, W)`` image per sample, as the perturbation engine needs."""
+
+    def check_pixel_perturbation(self) -> None:
+        """Raise :class:`DexarInputError` if perturbation metrics cannot run on this architecture."""
+        if not self.pixel_perturbation:
+            raise DexarInputError(
+                f"perturbation metrics are not supported for {type(self).__name__} (its pixel_values are "
+                "patches or tiles, not one image per sample); use localization metrics"
+            )
+
+    def explained_prompt_ids(self, inputs: dict[str, torch.Tensor], answer_positions: torch.Tensor) -> list[int]:
+        """Prompt ids (template and image placeholders) of one explained sample's unpadded ``inputs``.
+
+        Decoder-only models: ``input_ids`` before the first answer position.
+        """
+        start = int(answer_positions[0]) if len(answer_positions) else inputs["input_ids"].shape[1]
+        return inputs["input_ids"][0, :start].tolist()
 
     def prepare_images(self, images: list[Image.Image]) -> list[Image.Image]:
         """Convert any PIL mode (L, RGBA, CMYK, P, ...) to RGB; RGBA/P alpha is composited on white."""

@@ -68,12 +68,25 @@ def minmax(maps: torch.Tensor, dims: int = 1) -> tuple[torch.Tensor, torch.Tenso
     return norm.view(maps.shape), empty
 
 
-def finish(trace: Trace, raw_token_maps: torch.Tensor, token_weights: torch.Tensor) -> MethodOutput:
+def to_cells(trace: Trace, values: torch.Tensor) -> torch.Tensor:
+    """Image-token values ``(..., V)`` → full-image cells ``(..., h·w)`` (identity without a cell map)."""
+    cell_map = trace.batch.cell_map
+    if cell_map is None:
+        return values
+    return values @ cell_map.to(values.device, values.dtype).T
+
+
+def finish(
+    trace: Trace, raw_token_maps: torch.Tensor, token_weights: torch.Tensor, on_cells: bool = False
+) -> MethodOutput:
     """Reshape ``(B, T, V)`` raw token maps to the grid, normalise, and build the sequence map.
 
     The sequence map is ``MinMax(Σ_t λ_t E_t)`` over real answer tokens (paper eq. 6); padding
-    slots get weight 0 and a zero map.
+    slots get weight 0 and a zero map. Tiled images: the token values are first merged into the
+    full-image cells (:func:`to_cells`) unless ``on_cells`` says they already are.
     """
+    if not on_cells:
+        raw_token_maps = to_cells(trace, raw_token_maps)
     h, w = trace.grid
     answer = trace.answer_mask
     token_maps, token_empty = minmax(raw_token_maps)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from dexar import tracing
-from dexar.methods.base import MethodOutput, finish, pool_to_grid
+from dexar.methods.base import MethodOutput, finish
 from dexar.tracing import Trace
 
 
@@ -55,10 +55,10 @@ class IntegratedGradients:
             length = int(batch.answer_lengths[b])
             if length == 0:
                 continue
-            x = pixels[b].to(work)
+            x = adapter.pixel_view(batch, b).to(work)  # (C, H, W) for LLaVA; tiles or resized images
             total = torch.zeros(length if self.per_token else 1, *x.shape, dtype=work, device=x.device)
             for chunk in alphas.split(max(1, self.batch_size)):
-                path = (chunk[:, None, None, None] * x).requires_grad_(True)
+                path = (chunk.view(-1, *([1] * x.dim())) * x).requires_grad_(True)
                 with torch.enable_grad():
                     target = tracing.answer_log_probs(adapter, batch, path, index=b)[:, t_max - length :]
                     if self.per_token:
@@ -67,8 +67,8 @@ class IntegratedGradients:
                     else:
                         (grad,) = torch.autograd.grad(target.sum(), path)
                         total[0] += grad.sum(0)
-            pixel_attr = (x * total / self.steps).sum(-3)  # (T_b, H, W): summed over channels
-            raw[b, t_max - length :] = pool_to_grid(pixel_attr, trace.grid, "sum")
+            pixel_attr = (x * total / self.steps).sum(-3)  # (T_b, ..., H, W): summed over channels
+            raw[b, t_max - length :] = adapter.pool_view(batch, pixel_attr, "sum")
         return raw
 
     def __call__(self, trace: Trace) -> MethodOutput:

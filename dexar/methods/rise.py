@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dexar import tracing
-from dexar.methods.base import MethodOutput, finish, pool_to_grid
+from dexar.methods.base import MethodOutput, finish
 from dexar.tracing import Trace
 
 
@@ -70,22 +70,25 @@ class Rise:
             raise ValueError("rise needs trace.adapter (extra_forwards)")
         pixels = batch.inputs["pixel_values"]
         work = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
-        masks = rise_masks(self.num_masks, self.cells, self.keep, tuple(pixels.shape[-2:]), self.seed)
+        size = tuple(adapter.pixel_view(batch, 0).shape[-2:])
+        masks = rise_masks(self.num_masks, self.cells, self.keep, size, self.seed)
         masks = masks.to(pixels.device, work)
         coverage = masks.sum(0).clamp(min=torch.finfo(work).tiny)
         b_count, t_max = trace.answer_mask.shape
         raw = torch.zeros(b_count, t_max, trace.image_index.shape[1], dtype=work, device=pixels.device)
         with torch.no_grad():
             for b in range(b_count):
-                x = pixels[b].to(work)
+                x = adapter.pixel_view(batch, b).to(work)  # (C, H, W); tiled views share the masks
+                lead = [1] * (x.dim() - 2)
                 scores = torch.cat(
                     [
-                        tracing.answer_log_probs(adapter, batch, x * chunk[:, None], index=b)
-                        for chunk in masks.split(max(1, self.batch_size))
+                        tracing.answer_log_probs(adapter, batch, x * m.view(len(m), *lead, *x.shape[-2:]), index=b)
+                        for m in masks.split(max(1, self.batch_size))
                     ]
                 ).to(work)  # (N, T)
                 saliency = torch.einsum("nt,nhw->thw", scores, masks) / coverage
-                raw[b] = pool_to_grid(saliency, trace.grid, "mean") * trace.answer_mask[b, :, None]
+                saliency = saliency.view(len(saliency), *lead[1:], *x.shape[-2:]).expand(-1, *x.shape[:-3], -1, -1)
+                raw[b] = adapter.pool_view(batch, saliency, "mean") * trace.answer_mask[b, :, None]
         return raw
 
     def __call__(self, trace: Trace) -> MethodOutput:

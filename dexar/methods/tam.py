@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dexar.methods.base import MethodOutput, finish
+from dexar.methods.base import MethodOutput, finish, to_cells
 from dexar.tracing import Trace
 
 
@@ -76,10 +76,10 @@ class TAM:
         if trace.final_hidden is None or trace.adapter is None:
             raise ValueError("tam needs a trace with hidden_states")
         raw = self.activation_maps(trace)
-        return finish(trace, raw, torch.ones_like(raw[..., 0]))
+        return finish(trace, raw, torch.ones_like(raw[..., 0]), on_cells=True)
 
     def activation_maps(self, trace: Trace) -> torch.Tensor:
-        """``(B, T, V)`` TAM maps before the final min-max (0 on padding slots)."""
+        """``(B, T, h·w)`` TAM maps on the full-image cells before the final min-max (0 on padding slots)."""
         hidden = trace.final_hidden  # (B, N, D)
         head = trace.adapter.unembedding
         bias = getattr(head, "bias", None)
@@ -117,6 +117,7 @@ class TAM:
         hi = torch.maximum(own.amax(-1), torch.where(text, at_tokens, -inf).amax(-1))[..., None]
         span = hi - lo
         maps = torch.where(span > 0, (own - lo) / span.clamp(min=torch.finfo(own.dtype).tiny), torch.zeros_like(own))
+        maps = to_cells(trace, maps)  # tiled images: smooth the merged full-image map
         if self.smooth:
             h, w = trace.grid
             maps = rank_gaussian_filter(maps.view(*maps.shape[:-1], h, w), self.kernel).flatten(-2)

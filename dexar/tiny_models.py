@@ -1,0 +1,252 @@
+"""Tiny random PaliGemma and Florence-2 models built from the real ``transformers`` classes (tests, benchmarks).
+
+Nothing is downloaded: the tokenizers are word-level ``tokenizers`` models wrapped in
+``PreTrainedTokenizerFast`` and the processors are the families' own processor classes, so a saved
+directory loads through ``AutoProcessor`` / ``AutoModelForImageTextToText`` like a hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    BartConfig,
+    CLIPImageProcessorPil,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
+    GemmaConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
+
+WORDS = (
+    "cap",
+    "describe",
+    "in",
+    "detail",
+    "what",
+    "is",
+    "shown",
+    "the",
+    "image",
+    "a",
+    "an",
+    "and",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "of",
+    "on",
+    ".",
+    ",",
+    "?",
+    "\n",
+)
+
+
+def word_tokenizer(specials: list[str], image_token: str, words: tuple[str, ...] = WORDS) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer (newline and punctuation are tokens); no special tokens added.
+
+    Args:
+        specials: Special tokens in id order; must contain ``<pad>``, ``<unk>``, ``<s>`` / ``<bos>`` and an
+            end-of-sequence token (``</s>`` or ``<eos>``).
+        image_token: The image placeholder (appended after ``specials`` if absent).
+        words: The vocabulary.
+
+    """
+    tokens = list(specials) + ([image_token] if image_token not in specials else []) + list(words)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    bos = "<bos>" if "<bos>" in vocab else "<s>"
+    eos = "<eos>" if "<eos>" in vocab else "</s>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": image_token},
+    )
+
+
+def _scale_weights(model: torch.nn.Module, gain: float = 1.5) -> None:
+    """Random init is tiny; scale matrices up so that attention is far from uniform."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.normal_(0.0, gain / param.shape[1] ** 0.5)
+
+
+def random_paligemma(
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    grid: int = 4,
+    patch: int = 8,
+    vision_layers: int = 1,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """A randomly initialised PaliGemma (SigLIP tower + Gemma prefix-LM) and its processor.
+
+    Args:
+        hidden: Gemma hidden size (= projection size).
+        layers: Gemma decoder layers.
+        heads: Attention heads.
+        kv_heads: Key/value heads (GQA when fewer than ``heads``).
+        grid: Image-token grid side (``grid²`` image tokens).
+        patch: SigLIP patch size (image side = ``grid * patch``).
+        vision_layers: SigLIP layers (0: each image token sees only its own patch).
+        dtype: Parameter dtype.
+        seed: Initialisation seed.
+
+    """
+    tokenizer = word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], "<image>")
+    side = grid * patch
+    image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
+    image_processor.image_seq_length = grid * grid
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vocab = len(processor.tokenizer)  # the processor adds <loc…>/<seg…> tokens
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=side,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+    text = GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        vocab_size=vocab,
+        projection_dim=hidden,
+        hidden_size=hidden,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+        _scale_weights(model)
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def random_florence2(
+    hidden: int = 32,
+    encoder_layers: int = 1,
+    decoder_layers: int = 2,
+    heads: int = 4,
+    image_size: int = 32,
+    vision_depths: tuple[int, int] = (1, 1),
+    vision_kernels: tuple[int, int] = (7, 3),
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> tuple[Florence2ForConditionalGeneration, Florence2Processor]:
+    """A randomly initialised Florence-2 (two-stage DaViT + BART) and its processor.
+
+    The vision tower has strides 4 and 2, so the image-feature grid is ``image_size / 8`` square; the
+    encoder sees those features plus one pooled (temporal) token, then the prompt.
+
+    Args:
+        hidden: BART ``d_model`` (= projection size).
+        encoder_layers: BART encoder layers.
+        decoder_layers: BART decoder layers.
+        heads: Attention heads of encoder and decoder.
+        image_size: Image side in pixels (a multiple of 8).
+        vision_depths: DaViT blocks per stage (0: convolutional patch embeddings only).
+        vision_kernels: Patch-embedding kernels of the two stages (padding ``(k - 1) // 2``, none when
+            ``k`` is the stride); ``(4, 2)`` makes every feature a function of its own 8×8 pixel cell.
+        dtype: Parameter dtype.
+        seed: Initialisation seed.
+
+    """
+    tokenizer = word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], "<image>")
+    grid = image_size // 8
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    image_processor.image_seq_length = grid * grid + 1
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = Florence2VisionConfig(
+        depths=tuple(vision_depths),
+        patch_size=tuple(vision_kernels),
+        patch_stride=(4, 2),
+        patch_padding=tuple(0 if k == s else (k - 1) // 2 for k, s in zip(vision_kernels, (4, 2), strict=True)),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(2, 4),
+        num_groups=(2, 4),
+        window_size=2,
+        drop_path_rate=0.0,
+        projection_dim=hidden,
+        max_position_embeddings=max(grid, 8),
+    )
+    text = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=hidden * 2,
+        decoder_ffn_dim=hidden * 2,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        scale_embedding=False,
+    )
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=processor.image_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Florence2ForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+        _scale_weights(model)
+    model = model.to(dtype).eval()
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, 0
+    gen.decoder_start_token_id = tokenizer.eos_token_id
+    return model, processor
