@@ -1,7 +1,7 @@
 """Lightning callbacks: prediction shards and overlays."""
 
-from callbacks.heatmap_writer import HeatmapWriter, read_shards
+from callbacks.heatmap_writer import HeatmapWriter, read_progress, read_shards
 from callbacks.timing import Timing
 from callbacks.wandb_media import WandbMedia
 
-__all__ = ["HeatmapWriter", "Timing", "WandbMedia", "read_shards"]
+__all__ = ["HeatmapWriter", "Timing", "WandbMedia", "read_progress", "read_shards"]

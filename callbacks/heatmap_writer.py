@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,35 +11,60 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dexar.explanation import Explanation
+from dexar.resume import Progress
 from dexar.schema import Sample
+
+SHARD_GLOB = "shards/rank*/batch*.safetensors"
 
 
 class HeatmapWriter(BasePredictionWriter):
     """Writes every predict batch to ``output_dir/shards/rank{R}/batch{I}.safetensors`` as it finishes.
 
     Each shard holds, per method and sample, ``token_maps``, ``token_weights`` and ``sequence_map``
-    tensors; its metadata JSON lists tokens, ids, answers, flags and failures. A killed run keeps every
-    finished batch. Overlays (sequence map + per-token strip) are written for dataset indices below
-    ``num_overlays``, whatever the number of processes.
+    tensors and the sample's metric contributions (``dexar.resume``); its metadata JSON lists tokens,
+    ids, answers, flags, failures, unreadable samples and the settings fingerprint. A shard is written
+    under a temporary name and renamed into place (atomic on POSIX), so a killed run keeps every
+    finished batch and never a half-written one. Overlays (sequence map + per-token strip) are written
+    for dataset indices below ``num_overlays``, whatever the number of processes, before the shard.
+
+    **Resume**: with ``resume=True`` (default) a run started again in the same directory reads the
+    shards at predict start and hands them to the module (``resume_from``): done samples are skipped,
+    their metric contributions restored. Batches with nothing new write no shard.
 
     Args:
         output_dir: Run directory; default: the trainer's ``default_root_dir``.
         num_overlays: Number of samples (by dataset index) that get PNG overlays.
+        resume: Continue from the shards already in ``output_dir``.
     """
 
-    def __init__(self, output_dir: str | None = None, num_overlays: int = 16) -> None:
+    def __init__(self, output_dir: str | None = None, num_overlays: int = 16, resume: bool = True) -> None:
         super().__init__(write_interval="batch")
         self._requested_dir = output_dir
         self.output_dir = Path(output_dir or "runs/predict")
         self.num_overlays = num_overlays
+        self.resume = resume
         self.written = 0
+        self.resumed = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.output_dir = Path(self._requested_dir or trainer.default_root_dir)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written = self.resumed = 0
+        if not self.resume or not hasattr(pl_module, "resume_from"):
+            return
+        progress = read_progress(self.output_dir)
+        if progress.shards:
+            pl_module.resume_from(progress)
+            self.resumed = len(progress.done)
+            if trainer.is_global_zero:
+                done = f"{self.resumed} samples done in {progress.shards} shards"
+                print(f"HeatmapWriter: resuming {self.output_dir}: {done}")
 
     def write_on_batch_end(
         self,
@@ -50,6 +76,8 @@ class HeatmapWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if getattr(prediction, "empty", False):  # every sample was done by an earlier attempt
+            return
         shard_dir = self.output_dir / "shards" / f"rank{trainer.global_rank:03d}"
         shard_dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
@@ -61,16 +89,31 @@ class HeatmapWriter(BasePredictionWriter):
                 tensors[f"{key}/token_weights"] = exp.token_weights.float().contiguous()
                 tensors[f"{key}/sequence_map"] = exp.sequence_map.float().contiguous()
                 records.append({"label": label, **exp.to_dict()})
-        unreadable = [{"id": m.id, "reason": m.reason} for m in getattr(batch, "skipped", ())]
+        skipped = getattr(prediction, "unreadable", None)
+        if skipped is None:
+            skipped = [(m.id, m.reason) for m in getattr(batch, "skipped", ())]
+        states = []
+        for sample_id, by_label in getattr(prediction, "contributions", {}).items():
+            for label, by_metric in by_label.items():
+                for name, metric_states in by_metric.items():
+                    rows = prediction.rows.get(sample_id, {}).get(label, {}).get(name, [])
+                    entry = {"sample_id": sample_id, "label": label, "metric": name, "rows": rows, "states": {}}
+                    for state, value in metric_states.items():
+                        key = f"metric_state/{len(states)}/{state}"
+                        tensors[key] = value.contiguous()
+                        entry["states"][state] = key
+                    states.append(entry)
         meta = {
             "records": records,
             "failures": prediction.failures,
-            "unreadable": unreadable,
+            "unreadable": [{"id": sid, "reason": reason} for sid, reason in skipped],
             "sample_ids": prediction.sample_ids,
+            "metric_states": states,
+            "fingerprint": getattr(prediction, "fingerprint", ""),
         }
-        save_file(tensors, str(shard_dir / f"batch{batch_idx:06d}.safetensors"), metadata={"json": json.dumps(meta)})
-        self.written += len(prediction.sample_ids)
         self._overlays(prediction, batch, batch_indices)
+        _atomic_save(tensors, meta, _free_name(shard_dir, f"batch{batch_idx:06d}"))
+        self.written += len(prediction.sample_ids)
 
     def _overlays(self, prediction: Any, batch: list[Sample], batch_indices: Sequence[int] | None) -> None:
         if batch_indices is None:
@@ -89,22 +132,71 @@ class HeatmapWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         failed = len(getattr(pl_module, "failed", []))
         if trainer.is_global_zero:
-            print(f"HeatmapWriter: rank 0 wrote {self.written} samples ({failed} failed) to {self.output_dir}")
+            print(
+                f"HeatmapWriter: rank 0 wrote {self.written} samples ({failed} failed, {self.resumed} resumed) "
+                f"to {self.output_dir}"
+            )
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _free_name(shard_dir: Path, stem: str) -> Path:
+    """``stem.safetensors``, or ``stem-N.safetensors`` if an earlier attempt used that name."""
+    path, n = shard_dir / f"{stem}.safetensors", 1
+    while path.exists():
+        path, n = shard_dir / f"{stem}-{n}.safetensors", n + 1
+    return path
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
+    """Write a shard to a hidden temporary name, then rename it into place (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _shard_meta(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["json"])
+
+
+def read_progress(output_dir: str | Path) -> Progress:
+    """What the shards of ``output_dir`` already hold (all ranks): done ids, failures, metric contributions."""
+    progress = Progress()
+    for path in sorted(Path(output_dir).glob(SHARD_GLOB)):
+        try:
+            meta = _shard_meta(path)
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
+        progress.shards += 1
+        if meta.get("fingerprint"):
+            progress.fingerprints.add(meta["fingerprint"])
+        progress.done.update(meta["sample_ids"])
+        progress.failures += [tuple(f) for f in meta["failures"]]
+        progress.unreadable += [(u["id"], u["reason"]) for u in meta["unreadable"]]
+        progress.done.update(sid for sid, _ in progress.failures)
+        progress.done.update(sid for sid, _ in progress.unreadable)
+        for entry in meta.get("metric_states", []):
+            states = {state: tensors[key] for state, key in entry["states"].items()}
+            sample = progress.contributions.setdefault(entry["sample_id"], {})
+            sample.setdefault(entry["label"], {})[entry["metric"]] = states
+            rows = progress.rows.setdefault(entry["sample_id"], {})
+            rows.setdefault(entry["label"], {})[entry["metric"]] = list(entry["rows"])
+    return progress
+
+
 def read_shards(output_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Read every shard of a run: ``{label: {sample_id: record with tensors}}`` (all ranks)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for path in sorted(Path(output_dir).glob("shards/rank*/batch*.safetensors")):
+    for path in sorted(Path(output_dir).glob(SHARD_GLOB)):
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["json"])
+        meta = _shard_meta(path)
         for rec in meta["records"]:
             key = f"{rec['label']}/{rec['sample_id']}"
             full = dict(rec)

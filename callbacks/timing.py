@@ -45,7 +45,9 @@ class Timing(Callback):
         laps.update(getattr(pl_module, "last_eval_timings", {}) or {})
         for name, sec in laps.items():
             self.seconds[name] = self.seconds.get(name, 0.0) + sec
-        self.images += len(batch)
+        # a resumed run skips samples done before: count only those computed now
+        done = getattr(outputs, "sample_ids", None)
+        self.images += len(batch) if done is None else len(done) + len(getattr(outputs, "failures", ()))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = sorted(self.seconds)

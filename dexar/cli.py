@@ -1,4 +1,9 @@
-"""The ``dexar`` console script: ``dexar explain IMAGE --model PATH_OR_ID --prompt TEXT``."""
+"""The ``dexar`` console script.
+
+* ``dexar explain IMAGE --model PATH_OR_ID --prompt TEXT``: explain one image;
+* ``dexar grid CONFIG [--run] [--sweep FILE] [-- EXTRA ARGS]``: one predict run per grid variant;
+* ``dexar report RUN_DIR... [--out DIR]``: the paper's tables from finished runs.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +33,64 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     ex.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     ex.add_argument("--out", default="dexar-out", help="output directory (default: dexar-out)")
+    grid = sub.add_parser(
+        "grid",
+        help="list (or run, or write a W&B sweep of) the variants of a config's grid",
+        epilog="Other arguments (e.g. --data.root D --trainer.devices 4) are appended to every run.",
+    )
+    grid.add_argument("config", help="LightningCLI config with an experiment.grid section (configs/paper/...)")
+    grid.add_argument("--run", action="store_true", help="run the variants one after the other")
+    grid.add_argument("--sweep", default=None, help="write a W&B sweep YAML (method: grid) to this file instead")
+    rep = sub.add_parser("report", help="rebuild the paper's tables (Markdown, CSV, PNG) from finished runs")
+    rep.add_argument("runs", nargs="+", help="run directories (searched recursively for results.json / W&B runs)")
+    rep.add_argument("--out", default="reports", help="output directory (default: reports)")
+    rep.add_argument("--samples", type=int, default=2, help="samples in the overlay gallery (default: 2)")
     return parser
+
+
+def _grid(args: argparse.Namespace) -> int:
+    import subprocess
+
+    import yaml
+
+    from dexar import grid
+
+    if args.sweep:
+        Path(args.sweep).write_text(yaml.safe_dump(grid.sweep(args.config, args.extra), sort_keys=False))
+        print(f"wrote {args.sweep}; create it with `wandb sweep {args.sweep}`, run it with `wandb agent <sweep id>`")
+        return 0
+    commands = grid.commands(args.config, args.extra)
+    failed = 0
+    for command in commands:
+        print(grid.shell(command), flush=True)
+        if args.run:
+            failed += subprocess.run([sys.executable, "-m", "train_eval", *command[2:]]).returncode != 0
+    if args.run:
+        print(f"{len(commands) - failed}/{len(commands)} variants finished")
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dexar.report import report
+
+    print(report(args.runs, args.out, args.samples))
+    print(f"\nwrote {Path(args.out) / 'report.md'} (+ CSV and PNG files)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (errors print one line to stderr)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "grid":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = [a for a in extra if a != "--"]
+    if args.command in ("grid", "report"):
+        try:
+            return _grid(args) if args.command == "grid" else _report(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"dexar {args.command}: error: {err}", file=sys.stderr)
+            return 2
     try:
         from dexar.explain import explain, open_image
         from dexar.loading import load_model

@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,16 @@ from dexar.explain import ANSWER_SOURCES, Explainer
 from dexar.explanation import Explanation
 from dexar.loading import load_model
 from dexar.methods import build_method
+from dexar.resume import (
+    Contribution,
+    Progress,
+    Rows,
+    add_states,
+    check_resumable,
+    fingerprint,
+    metric_states,
+    sorted_ids,
+)
 from dexar.schema import Sample
 from dexar.shapes_model import SHAPES_CHECKPOINT
 
@@ -34,12 +45,26 @@ class PredictOutput:
         explanations: Per method label, one :class:`Explanation` per explained sample (no images).
         sample_ids: Ids of the explained samples, in order.
         failures: ``(sample_id, error message)`` of samples that could not be explained.
+        unreadable: ``(sample_id, reason)`` of the batch's undecodable samples not recorded before
+            (``None``: take them from the batch).
+        contributions: Sample id → what the sample added to each method's metrics (for resume).
+        rows: Sample id → the metric row ids of those contributions.
+        fingerprint: Hash of the settings the results depend on (a resumed run must match it).
 
     """
 
     explanations: dict[str, list[Explanation]]
     sample_ids: list[str]
     failures: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] | None = None
+    contributions: dict[str, Contribution] = field(default_factory=dict)
+    rows: dict[str, Rows] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def empty(self) -> bool:
+        """True when the batch added nothing (every sample was done by an earlier attempt)."""
+        return not self.sample_ids and not self.failures and not self.unreadable
 
 
 class ExplainerModule(L.LightningModule):
@@ -85,10 +110,25 @@ class ExplainerModule(L.LightningModule):
         self.metric_sets = nn.ModuleDict(
             {label: nn.ModuleDict({n: copy.deepcopy(m) for n, m in (metrics or {}).items()}) for label in self.methods}
         )
+        for name, metric in (metrics or {}).items():
+            check_resumable(metric, f"model.metrics.{name}")
+        # each sample is evaluated into fresh copies: its states are its contribution (dexar.resume)
+        self.metric_scratch = copy.deepcopy(self.metric_sets)
+        self.contributions: dict[str, Contribution] = {}
+        self.contribution_rows: dict[str, Rows] = {}
+        self.done: set[str] = set()
+        self.resumed_samples = 0
+        self.fingerprint = fingerprint(
+            {
+                "hparams": {k: v for k, v in self.hparams.items()},
+                "metrics": {n: _describe_metric(m) for n, m in (metrics or {}).items()},
+            }
+        )
         self.vlm: torch.nn.Module | None = None
         self.explainer: Explainer | None = None
         self.evaluator: Evaluator | None = None
         self.failed: list[tuple[str, str]] = []
+        self._recorded_unreadable: set[str] = set()
         self.unreadable: list[tuple[str, str]] = []
         self.last_eval_timings: dict[str, float] = {}
         self.results: dict[str, dict[str, dict[str, float]]] = {}
@@ -102,8 +142,32 @@ class ExplainerModule(L.LightningModule):
             p.requires_grad_(False)
         self.vlm = vlm
         self.explainer = Explainer(vlm, processor, self.methods)
-        groups = {label: dict(group.items()) for label, group in self.metric_sets.items() if len(group)}
+        groups = {label: dict(group.items()) for label, group in self.metric_scratch.items() if len(group)}
         self.evaluator = Evaluator(self.explainer.adapter, groups, self.settings)
+
+    def resume_from(self, progress: Progress) -> None:
+        """Take over what an earlier attempt of this run did (called by ``HeatmapWriter`` at predict start).
+
+        Every rank skips the done samples; rank 0 alone keeps their failures, unreadable records and
+        metric contributions, so that each sample counts exactly once across processes.
+
+        Raises:
+            ValueError: The shards were written with other settings (methods, metrics, model, ...).
+        """
+        stale = progress.fingerprints - {self.fingerprint}
+        if stale:
+            raise ValueError(
+                f"the run directory's shards were written with other settings (fingerprint {sorted(stale)[0]} "
+                f"!= {self.fingerprint}); use a new --trainer.default_root_dir or delete its shards/"
+            )
+        self.done = set(progress.done)
+        self.resumed_samples = len(progress.done)
+        self._recorded_unreadable = {sid for sid, _ in progress.unreadable}
+        if self.trainer.is_global_zero:
+            self.failed += list(progress.failures)
+            self.unreadable += list(progress.unreadable)
+            self.contributions.update(progress.contributions)
+            self.contribution_rows.update(progress.rows)
 
     def _explain(self, samples: list[Sample]) -> dict[str, list[Explanation]]:
         assert self.explainer is not None
@@ -115,22 +179,74 @@ class ExplainerModule(L.LightningModule):
 
     def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         self.configure_model()
-        self.unreadable += [(m.id, m.reason) for m in getattr(batch, "skipped", ())]
-        output = self._explain_batch(batch, batch_idx)
-        self._evaluate(batch, output)
+        skipped = getattr(batch, "skipped", ())
+        unreadable = [(m.id, m.reason) for m in skipped if m.id not in self._recorded_unreadable]
+        self.unreadable += unreadable
+        todo = [s for s in batch if s.id not in self.done]
+        if todo:
+            output = self._explain_batch(todo, batch_idx)
+        else:  # done by an earlier attempt of the run: nothing to recompute
+            self.last_eval_timings = {}
+            if self.explainer is not None:
+                self.explainer.last_timings = {}
+            output = PredictOutput({label: [] for label in self.methods}, [])
+        output.unreadable = unreadable
+        output.fingerprint = self.fingerprint
+        self._evaluate(todo, output)
         return output
 
     def _evaluate(self, batch: list[Sample], output: PredictOutput) -> None:
-        """Update the metrics with the batch's explanations; per-method seconds in ``last_eval_timings``."""
+        """Evaluate each explained sample into fresh metric copies and keep the states as its contribution.
+
+        The contributions go to the output (the writer stores them for resume) and to
+        ``self.contributions`` (merged into the metrics at epoch end). Per-method seconds are in
+        ``last_eval_timings``.
+        """
         self.last_eval_timings = {}
-        if self.evaluator is None or not self.evaluator.metrics:
+        if self.evaluator is None or not self.evaluator.metrics or not output.sample_ids:
             return
-        explained = [s for s in batch if s.id in set(output.sample_ids)]
+        by_id = {s.id: s for s in batch}
         for label, exps in output.explanations.items():
+            if label not in self.evaluator.metrics:
+                continue
             start = time.perf_counter()
-            with torch.inference_mode():
-                self.evaluator.update(explained, {label: exps})
+            for exp in exps:
+                states, rows = self._evaluate_one(label, by_id[exp.sample_id], exp)
+                output.contributions.setdefault(exp.sample_id, {})[label] = states
+                output.rows.setdefault(exp.sample_id, {})[label] = rows
             self.last_eval_timings[f"evaluation/{label}"] = time.perf_counter() - start
+        self.contributions.update(output.contributions)
+        self.contribution_rows.update(output.rows)
+
+    def _evaluate_one(
+        self, label: str, sample: Sample, exp: Explanation
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
+        assert self.evaluator is not None
+        group = self.evaluator.metrics[label]
+        for metric in group.values():
+            metric.reset()
+        self.evaluator.rows[label] = {name: [] for name in group}
+        with torch.inference_mode():
+            self.evaluator.update([sample], {label: [exp]})
+        states = {name: metric_states(metric) for name, metric in group.items()}
+        return states, {name: list(ids) for name, ids in self.evaluator.rows[label].items()}
+
+    def _merge_contributions(self) -> dict[str, dict[str, list[str]]]:
+        """Rebuild ``metric_sets`` from every contribution, in natural sample-id order; returns the rows."""
+        rows: dict[str, dict[str, list[str]]] = {
+            label: {name: [] for name in group} for label, group in self.metric_sets.items()
+        }
+        for group in self.metric_sets.values():
+            for metric in group.values():
+                metric.reset()
+        for sample_id in sorted_ids(self.contributions):
+            for label, states in self.contributions[sample_id].items():
+                if label not in self.metric_sets:
+                    continue
+                for name, metric_state in states.items():
+                    add_states(self.metric_sets[label][name], metric_state)
+                    rows[label][name] += self.contribution_rows.get(sample_id, {}).get(label, {}).get(name, [])
+        return rows
 
     def _explain_batch(self, batch: list[Sample], batch_idx: int) -> PredictOutput:
         try:
@@ -159,6 +275,9 @@ class ExplainerModule(L.LightningModule):
         ``skipped`` (degenerate samples, never averaged in). Rank 0 logs them through the logger and
         writes ``results.json`` and ``results.csv`` in the run directory.
         """
+        rows = self._merge_contributions()
+        if self.evaluator is not None:
+            self.evaluator.rows = rows
         results: dict[str, dict[str, dict[str, float]]] = {}
         for label, group in self.metric_sets.items():
             results[label] = {}
@@ -168,16 +287,40 @@ class ExplainerModule(L.LightningModule):
                 valid = int(torch.isfinite(per).sum())
                 results[label][name] = {"value": value, "count": valid, "skipped": int(per.numel()) - valid}
         self.results = results
+        self.curves = _mean_curves(self.metric_sets)
         counts = torch.tensor([float(len(self.failed)), float(len(self.unreadable))], device=self.device)
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.num_failed, self.num_unreadable = (int(c) for c in counts.tolist())
         if self.trainer.is_global_zero:
-            report_results(self.trainer, self, results, self.num_failed, self.num_unreadable)
+            report_results(self.trainer, self, results, self.num_failed, self.num_unreadable, self.curves)
+
+
+def _mean_curves(metric_sets: nn.ModuleDict) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Mean curve of every curve metric: ``levels``, ``y`` (and ``x`` for PIC). Collective under DDP."""
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for label, group in metric_sets.items():
+        for name, metric in group.items():
+            if hasattr(metric, "mean_curve"):
+                parts = [t.tolist() for t in metric.mean_curve()]
+                keys = ("levels", "x", "y") if len(parts) == 3 else ("levels", "y")
+                curves.setdefault(label, {})[name] = dict(zip(keys, parts, strict=True))
+    return curves
+
+
+def _describe_metric(metric: Any) -> dict[str, Any]:
+    """Class and level grid of a metric: what its per-sample states depend on."""
+    levels = getattr(metric, "levels", None)
+    return {"class": type(metric).__name__, "levels": levels.tolist() if levels is not None else None}
 
 
 def report_results(
-    trainer: L.Trainer, module: ExplainerModule, results: dict, num_failed: int, num_unreadable: int = 0
+    trainer: L.Trainer,
+    module: ExplainerModule,
+    results: dict,
+    num_failed: int,
+    num_unreadable: int = 0,
+    curves: dict | None = None,
 ) -> None:
     """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table.
 
@@ -200,8 +343,11 @@ def report_results(
         "failed_samples": num_failed,
         "unreadable_samples": num_unreadable,
         "results": results,
+        "curves": curves or {},
     }
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    tmp = run_dir / f".results.json.{os.getpid()}.tmp"  # atomic: a reader never sees half a file
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, run_dir / "results.json")
     with open(run_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["dataset", "model", "method", "metric", "value", "count", "skipped"])
         writer.writeheader()

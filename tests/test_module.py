@@ -23,6 +23,7 @@ def _predict(checkpoint, out_dir, devices=1, strategy="auto", num_samples=10, an
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        default_root_dir=str(out_dir),  # results.json lands in the run directory, not the cwd
         callbacks=[HeatmapWriter(str(out_dir), num_overlays=3)],
     )
     trainer.predict(
@@ -46,7 +47,13 @@ def test_timing_reports_each_phase_per_image(tiny_checkpoint, tmp_path):
     timing = Timing(str(tmp_path))
     module = ExplainerModule(model=tiny_checkpoint, methods={"dexar": {}, "attention": {}}, answer_source="generate")
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False, callbacks=[timing]
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[timing],
+        default_root_dir=str(tmp_path),
     )
     trainer.predict(module, datamodule=ShapesDataModule(num_samples=4, batch_size=2), return_predictions=False)
     assert {"generation", "trace", "method/dexar", "method/attention"} <= set(timing.per_image)
@@ -65,7 +72,13 @@ def test_bad_sample_is_counted_not_fatal(tiny_checkpoint, tmp_path):
     module = ExplainerModule(model=tiny_checkpoint, answer_source="ground_truth")
     writer = HeatmapWriter(str(tmp_path), num_overlays=0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False, callbacks=[writer]
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[writer],
+        default_root_dir=str(tmp_path),
     )
     loader = DataLoader(WithBroken(7), batch_size=3, collate_fn=collate_samples)
     trainer.predict(module, loader, return_predictions=False)

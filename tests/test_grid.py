@@ -1,0 +1,132 @@
+"""Ablation grids: declaration, expansion (CLI and W&B sweep), and how a variant changes a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from dexar import grid
+from dexar.cli import main as cli_main
+from train_eval import main
+
+GRID = {
+    "model": {"a": {"model.init_args.model": "m-a"}, "b": {"model.init_args.model": "m-b", "data.init_args.seed": 3}},
+    "head_filter": {"key": "model.init_args.methods.dexar.head_filter", "values": ["none", "max", "top-0.05"]},
+    "relu": {"key": ["model.init_args.methods.dexar.relu"], "values": [True, False]},
+}
+
+
+def _config(tmp_path, grid_spec=GRID):
+    path = tmp_path / "exp.yaml"
+    text = {
+        "experiment": {"table": "table3", "attrs": {"dataset": "shapes"}, "grid": grid_spec},
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"project": "p", "offline": True, "group": "g", "tags": ["base"]},
+            },
+        },
+        "model": {
+            "class_path": "dexar.module.ExplainerModule",
+            "init_args": {"methods": {"dexar": {"head_filter": "max"}, "attention": {}}},
+        },
+        "data": {"class_path": "datamodules.shapes.ShapesDataModule", "init_args": {"num_samples": 4}},
+    }
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    return path
+
+
+def test_grid_expands_to_every_combination():
+    axes = grid.parse_grid(GRID)
+    assert [a.name for a in axes] == ["model", "head_filter", "relu"]
+    assert list(axes[2].levels) == ["true", "false"]
+    found = grid.variants(axes)
+    assert len(found) == len(GRID["model"]) * len(GRID["head_filter"]["values"]) * len(GRID["relu"]["values"])
+    assert len({grid.slug(v) for v in found}) == len(found)
+    settings = grid.settings_of(axes, {"model": "b", "head_filter": "top-0.05", "relu": "false"})
+    assert settings == {
+        **GRID["model"]["b"],
+        "model.init_args.methods.dexar.head_filter": "top-0.05",
+        "model.init_args.methods.dexar.relu": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "variant", "message"),
+    [
+        ({"x": ["a"]}, {}, "experiment.grid.x"),
+        ({"x": {"values": [1]}}, {}, "'key'"),
+        ({"x": {"key": "a.b", "values": [1, "1"]}}, {}, "distinct"),
+        (GRID, {"nope": "a"}, "no grid axis 'nope'"),
+        (GRID, {"model": "c"}, "not a level of axis 'model'"),
+    ],
+)
+def test_bad_grids_and_variants_name_the_key(spec, variant, message):
+    with pytest.raises(grid.GridError, match=message):
+        grid.settings_of(grid.parse_grid(spec, "exp.yaml"), variant, "exp.yaml")
+
+
+def test_variant_sets_options_run_dir_and_wandb_name_and_tags(tmp_path):
+    config = _config(tmp_path)
+    cli = main(
+        [
+            "--config",
+            str(config),
+            "--variant.model",
+            "b",
+            "--variant.head_filter",
+            "top-0.05",
+            "--variant.relu",
+            "false",
+        ],
+        run=False,
+    )
+    dexar = cli.model.methods["dexar"]
+    assert (dexar.head_filter, dexar.relu) == ("top-0.05", False)
+    assert cli.model.hparams.model == "m-b"
+    assert "attention" in cli.model.methods  # the rest of the methods dict is kept
+    slug = "model-b_head_filter-top-0.05_relu-false"
+    assert cli.trainer.default_root_dir == str(tmp_path / "runs" / slug)
+    init = cli.trainer.logger._wandb_init
+    assert init["name"] == f"table3/{slug}" and init["group"] == "g" and init["dir"] == str(tmp_path / "runs" / slug)
+    assert init["tags"] == ["base", "table3", "model=b", "head_filter=top-0.05", "relu=false"]
+    assert not (tmp_path / "runs").exists()  # variant.json is written by `predict` only
+
+
+def test_unknown_variant_level_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="'avg' is not a level of axis 'head_filter'"):
+        main(["--config", str(_config(tmp_path)), "--variant.head_filter", "avg"], run=False)
+
+
+def test_grid_key_missing_from_config_is_reported(tmp_path):
+    config = _config(tmp_path, {"x": {"key": "model.init_args.nothing.here", "values": [1]}})
+    with pytest.raises(SystemExit, match="model.init_args.nothing"):
+        main(["--config", str(config), "--variant.x", "1"], run=False)
+
+
+def test_dexar_grid_prints_one_command_per_variant(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert cli_main(["grid", str(config), "--data.root", "/d"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = grid.variants(grid.parse_grid(GRID))
+    assert len(lines) == len(expected)
+    assert lines[0].startswith(f"python train_eval.py predict --config {config} --variant.model a")
+    assert all(line.endswith("--data.root /d") for line in lines)
+
+
+def test_dexar_grid_writes_a_wandb_sweep(tmp_path):
+    config, out = _config(tmp_path), tmp_path / "sweep.yaml"
+    assert cli_main(["grid", str(config), "--sweep", str(out)]) == 0
+    sweep = yaml.safe_load(out.read_text())
+    assert sweep["method"] == "grid"
+    axes = grid.parse_grid(GRID)
+    assert sweep["parameters"] == {f"variant.{a.name}": {"values": list(a.levels)} for a in axes}
+    assert "${args}" in sweep["command"] and str(config) in sweep["command"]
+
+
+def test_variant_record_places_the_run(tmp_path):
+    record = json.loads(grid.variant_record(["c.yaml"], {"table": "table3", "attrs": {"dataset": "x"}}, {"a": "1"}))
+    assert record == {"configs": ["c.yaml"], "table": "table3", "attrs": {"dataset": "x"}, "variant": {"a": "1"}}

@@ -1,0 +1,121 @@
+"""`dexar report`: paper tables from finished runs (results.json or W&B offline runs), CSV and PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import wandb
+
+from dexar.cli import main as cli_main
+from dexar.paper_numbers import PAPER
+from dexar.report import TABLES, build_table, collect, format_value, report, to_markdown
+from train_eval import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "configs" / "paper" / "shapes"
+SMALL = [
+    "--data.init_args.num_samples",
+    "2",
+    "--data.init_args.batch_size",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
+
+
+def _fake_run(path: Path, table: str, attrs: dict, results: dict, variant: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    payload = {"results": {m: {k: {"value": v, "count": 1} for k, v in r.items()} for m, r in results.items()}}
+    (path / "results.json").write_text(json.dumps(payload))
+    (path / "variant.json").write_text(json.dumps({"table": table, "attrs": attrs, "variant": variant or {}}))
+    return path
+
+
+def test_paper_numbers_sit_beside_ours_where_the_setting_matches(tmp_path):
+    ours = {"dexar": {"soft_iou": 0.1234, "iou": 0.3, "epg": 0.25}, "attention": {"soft_iou": 0.02, "iou": 0.1}}
+    _fake_run(tmp_path / "llava", "table2", {"model": "llava-1.5", "dataset": "pascal_voc"}, ours)
+    _fake_run(tmp_path / "other", "table2", {"model": "my-vlm", "dataset": "pascal_voc"}, {"dexar": {"epg": 0.5}})
+    table = build_table(TABLES["table2"], collect([tmp_path]))
+    text = to_markdown(table)
+    paper = PAPER["table2"][(("llava-1.5", "dexar"), (), "soft_iou")]
+    cell = f"{format_value(ours['dexar']['soft_iou'] * 100)} ({paper:.2f})"
+    assert f"|  | DEX-AR | {cell} |" in text  # the model is shown once
+    assert f"| my-vlm | DEX-AR | — | — | {format_value(50.0)} |" in text  # no paper row for this model: ours only
+    assert table.rows.index(("llava-1.5", "attention")) < table.rows.index(("llava-1.5", "dexar"))  # paper order
+
+
+def test_variants_fill_rows_and_column_groups(tmp_path):
+    for model in ("llava-1.5", "bakllava"):
+        for head in ("max", "avg"):
+            values = {"snr": len(model) + (head == "max"), "mse": 0.1 * len(head)}
+            _fake_run(tmp_path / model / head, "table3", {}, {"dexar": values}, {"model": model, "head_filter": head})
+    out = tmp_path / "report"
+    report([tmp_path], out)
+    rows = list(csv.DictReader(open(out / "table3.csv")))
+    assert [r["head_filter"] for r in rows] == ["max", "avg"]  # the paper's row order
+    max_row = rows[0]
+    assert float(max_row["bakllava snr"]) == len("bakllava") + 1
+    assert float(max_row["llava-1.5 snr (paper)"]) == PAPER["table3"][(("max",), ("llava-1.5",), "snr")]
+
+
+def test_report_of_missing_directory_is_a_one_line_error(tmp_path, capsys):
+    assert cli_main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shapes_runs(tmp_path_factory):
+    """Shapes tables 1-5 through the real CLI (one variant each, 2 samples); table 4 also logs to W&B."""
+    root = tmp_path_factory.mktemp("paper-shapes")
+    runs = {
+        "table1_perturbation": [["--model.init_args.methods", "{dexar: {}}"]],
+        "table2_segmentation": [[]],
+        "table3_head_filter": [["--variant.head_filter", "avg"]],
+        "table4_filtering": [["--variant.head", "on", "--variant.filler", "off"]],
+        "table5_relu_layers": [["--variant.relu", "false", "--variant.layers", "last"]],
+    }
+    for name, variants in runs.items():
+        for variant in variants:
+            args = ["predict", "--config", str(SHAPES / f"{name}.yaml"), *variant, *SMALL]
+            args += ["--trainer.default_root_dir", str(root / name)]
+            if name == "table4_filtering":
+                args += ["--trainer.logger.init_args.save_dir", str(root / name)]
+            else:
+                args += ["--trainer.logger", "false"]
+            main(args)
+            if name == "table4_filtering":
+                wandb.finish()  # flush the offline run (a CLI process does it at exit)
+    return root
+
+
+def test_shapes_tables_end_to_end(shapes_runs, tmp_path):
+    out = tmp_path / "report"
+    assert cli_main(["report", str(shapes_runs), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    for key in ("table1", "table2", "table3", "table4", "table5"):
+        assert TABLES[key].title in text and (out / f"{key}.csv").is_file()
+    for run in collect([shapes_runs]):
+        spec = TABLES[run.table]
+        scale = {m: s for m, _, s in spec.metrics}
+        for label, metric, value in run.values():
+            if metric in scale:
+                assert format_value(value * scale[metric]) in text, (run.path, label, metric)
+    for key in ("table1", "table2", "table3", "table4", "table5"):
+        table = build_table(TABLES[key], collect([shapes_runs]))
+        assert table.cells and not set(table.cells) & set(table.paper)  # the paper has no Shapes numbers
+    assert len(list(out.glob("table1_curve_pos_auc_*.png"))) == 1
+    assert (out / "table2_gallery.png").is_file()
+
+
+def test_wandb_offline_run_gives_the_same_table(shapes_runs, tmp_path):
+    run_dir = next((shapes_runs / "table4_filtering").iterdir())
+    expected = to_markdown(build_table(TABLES["table4"], collect([run_dir])))
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir / "wandb", copy / "wandb")
+    runs = collect([copy])
+    assert len(runs) == 1 and runs[0].path.name.startswith("offline-run-")
+    assert to_markdown(build_table(TABLES["table4"], runs)) == expected
