@@ -87,31 +87,36 @@ class VLMAdapter:
         self.model = model
         self.processor = processor
 
-    # -- model internals -------------------------------------------------------------------
+    # -- model internals (defaults: transformers' common VLM layout) -------------------------
+    @property
+    def _lm(self) -> nn.Module:
+        """The language model (``model.model.language_model`` in transformers' VLM classes)."""
+        return self.model.model.language_model
+
     @property
     def text_config(self) -> Any:
         """Config of the language model whose attention is traced."""
-        raise NotImplementedError
+        return self._lm.config
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, in order."""
-        raise NotImplementedError
+        return self._lm.layers
 
     @property
     def final_norm(self) -> nn.Module:
         """The norm applied to the last hidden state before the unembedding."""
-        raise NotImplementedError
+        return self._lm.norm
 
     @property
     def unembedding(self) -> nn.Linear:
         """The LM head (hidden → vocabulary logits)."""
-        raise NotImplementedError
+        return self.model.lm_head
 
     @property
     def image_token_id(self) -> int:
         """Id of the image placeholder token in ``input_ids``."""
-        raise NotImplementedError
+        return int(self.model.config.image_token_id)
 
     def backbone_forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         """Forward through vision tower and LLM without the LM head over all positions."""

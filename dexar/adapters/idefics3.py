@@ -85,26 +85,6 @@ class Idefics3Adapter(VLMAdapter):
         return self._inner.text_model
 
     @property
-    def text_config(self) -> Any:
-        return self._lm.config
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def unembedding(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def image_processor(self) -> Any:
         """The processor's image processor."""
         return self.processor.image_processor

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
 
@@ -28,30 +26,6 @@ class LlavaAdapter(VLMAdapter):
     def row_local_layers(self) -> bool:  # type: ignore[override]
         """True for the LLaMA-style language models of LLaVA-1.5, BakLLaVA and the Shapes model."""
         return getattr(self.text_config, "model_type", None) in self.row_local_text_models
-
-    @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> Any:
-        return self._lm.config
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def unembedding(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:

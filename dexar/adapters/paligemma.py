@@ -42,30 +42,6 @@ class PaliGemmaAdapter(VLMAdapter):
             )
 
     @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> Any:
-        return self._lm.config
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def unembedding(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def _image_token(self) -> str:
         return str(getattr(self.processor, "image_token", "<image>"))
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
 
@@ -66,30 +65,6 @@ class Qwen2VLAdapter(VLMAdapter):
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
     )
-
-    @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> Any:
-        return self._lm.config
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._lm.norm
-
-    @property
-    def unembedding(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def image_processor(self) -> Any:
