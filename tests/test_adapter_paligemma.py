@@ -235,3 +235,19 @@ def test_cli_explains_a_saved_tiny_checkpoint(tmp_path, capsys):
     assert cli_main([*args, "--max-new-tokens", "4"]) == 0, capsys.readouterr().err
     assert (out_dir / "explanation.json").is_file() and (out_dir / "sequence.png").is_file()
     assert cli_main([*args, "--answer", "a red circle", "--method", "attngrad"]) == 0, capsys.readouterr().err
+
+
+def test_answer_rows_rerun_equals_full_graph(padded, monkeypatch):
+    """Gemma blocks are row-local: the answer-rows re-run gives the full-row graph's trace."""
+    adapter, batch = padded
+    assert adapter.row_local_layers
+    calls = []
+    rerun = tracing._rerun_answer_rows
+    monkeypatch.setattr(tracing, "_rerun_answer_rows", lambda *a, **k: calls.append(a[1]) or rerun(*a, **k))
+    rows = tracing.run(adapter, batch)
+    assert calls == list(range(len(adapter.decoder_layers)))
+    monkeypatch.setattr(type(adapter), "row_local_layers", False)
+    full = tracing.run(adapter, batch)
+    assert rows.grads.abs().max() > 1e-3
+    assert (rows.grads - full.grads).abs().max() <= 1e-12
+    assert (rows.logit_lens - full.logit_lens).abs().max() <= 1e-12

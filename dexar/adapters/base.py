@@ -78,10 +78,17 @@ class VLMAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     prompt_template: ClassVar[str] = "{prompt}"
-    row_local_layers: ClassVar[bool] = False
-    """True if everything in a decoder layer but attention acts on each row alone (pre-norm LLaMA-style
-    blocks): the tracer then re-runs each layer on the answer rows only to build the gradient graph
-    (see ``tracing._detach_layer_inputs``), holding ``T`` rows in memory instead of ``N``."""
+    row_local_text_models: ClassVar[tuple[str, ...]] = ()
+    """Language-model ``model_type`` values whose decoder layers are row-local outside attention."""
+
+    @property
+    def row_local_layers(self) -> bool:
+        """Whether the decoder layers are row-local outside attention (pre-norm LLaMA-style blocks).
+
+        If so, the tracer re-runs each layer on the answer rows only to build the gradient graph (see
+        ``tracing._detach_layer_inputs``), holding ``T`` rows in memory instead of ``N``.
+        """
+        return getattr(self.text_config, "model_type", None) in self.row_local_text_models
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model

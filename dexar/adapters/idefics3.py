@@ -64,13 +64,7 @@ class Idefics3Adapter(VLMAdapter):
 
     model_types = ("idefics3", "smolvlm")
     pixel_perturbation = False  # patches/tiles: perturbation would need per-view re-encoding
-    row_local_text_models: tuple[str, ...] = ("llama", "mistral", "qwen2")
-    """Language models whose decoder layers are pre-norm blocks, row-local outside attention."""
-
-    @property
-    def row_local_layers(self) -> bool:  # type: ignore[override]
-        """True for the LLaMA-style language models of Idefics3 (Llama 3) and SmolVLM (SmolLM2)."""
-        return getattr(self.text_config, "model_type", None) in self.row_local_text_models
+    row_local_text_models = ("llama", "mistral", "qwen2")  # pre-norm blocks: row-local outside attention
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         super().__init__(model, processor)

@@ -19,13 +19,7 @@ class LlavaAdapter(VLMAdapter):
 
     model_types = ("llava",)
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
-    row_local_text_models: tuple[str, ...] = ("llama", "mistral", "qwen2")
-    """Language models whose decoder layers are pre-norm blocks, row-local outside attention."""
-
-    @property
-    def row_local_layers(self) -> bool:  # type: ignore[override]
-        """True for the LLaMA-style language models of LLaVA-1.5, BakLLaVA and the Shapes model."""
-        return getattr(self.text_config, "model_type", None) in self.row_local_text_models
+    row_local_text_models = ("llama", "mistral", "qwen2")  # pre-norm blocks: row-local outside attention
 
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:

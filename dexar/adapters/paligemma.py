@@ -28,6 +28,7 @@ class PaliGemmaAdapter(VLMAdapter):
     """
 
     model_types = ("paligemma",)
+    row_local_text_models = ("gemma",)  # Gemma 1 blocks: pre-norm, row-local outside attention
     prompt_template = "{prompt}"
     paper_prompt: ClassVar[str] = "Cap."
 
