@@ -15,6 +15,29 @@ from transformers import (
 from dexar.shapes_model import build_shapes_tokenizer
 
 
+def tiny_llama_config(
+    tokenizer, hidden: int, layers: int, heads: int, kv_heads: int | None = None, max_positions: int = 1024, **extra
+) -> LlamaConfig:
+    """A small Llama text config sized for ``tokenizer``: MLP width ``2·hidden``, untied embeddings.
+
+    ``extra`` overrides any field (e.g. ``bos_token_id=None``).
+    """
+    fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaConfig(**{**fields, **extra})
+
+
 def random_llava(
     hidden: int = 32,
     layers: int = 2,
@@ -54,19 +77,7 @@ def random_llava(
         image_size=side,
         patch_size=patch,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    text = tiny_llama_config(tokenizer, hidden, layers, heads, kv_heads, max_positions=4096)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
