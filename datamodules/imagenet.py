@@ -252,25 +252,28 @@ class ImageNetDataset(BenchmarkDataset):
     def load(self, index: int) -> Sample:
         key, ref, label = self.records[index]
         image = self.source.read(ref)
-        answer, content = imagenet_answer(label, self.answer_template)
-        cls = imagenet_classes()[label] if label >= 0 else None
-        return Sample(
-            id=self.sample_id(index),
-            image=image,
-            prompt=self.prompt,
-            answer=answer,
-            word_is_content=content,
-            word_mask_index=None if content is None else [-1] * len(content),
-            meta={
-                "dataset": "imagenet",
-                "index": index,
-                "file": key,
-                "label": label,
-                "wnid": cls.wnid if cls else None,
-                "class_name": cls.names if cls else None,
-                "layout": self.source.layout,
-            },
-        )
+        meta = {"dataset": "imagenet", "index": index, "file": key, "layout": self.source.layout}
+        return imagenet_sample(self.sample_id(index), image, self.prompt, label, self.answer_template, meta)
+
+
+def imagenet_sample(
+    sample_id: str, image: Image.Image, prompt: str, label: int, template: str, meta: dict[str, Any]
+) -> Sample:
+    """An ImageNet-labelled sample: answer from ``template``, its words' content labels, class metadata.
+
+    ``meta`` gets ``label``, ``wnid`` and ``class_name`` (``None`` for an unlabelled image, ``label < 0``).
+    """
+    answer, content = imagenet_answer(label, template)
+    cls = imagenet_classes()[label] if label >= 0 else None
+    return Sample(
+        id=sample_id,
+        image=image,
+        prompt=prompt,
+        answer=answer,
+        word_is_content=content,
+        word_mask_index=None if content is None else [-1] * len(content),
+        meta={**meta, "label": label, "wnid": cls.wnid if cls else None, "class_name": cls.names if cls else None},
+    )
 
 
 class ImageNetDataModule(BenchmarkDataModule):

@@ -31,8 +31,8 @@ from datamodules.imagenet import (
     CLASSIFY_PROMPT,
     ImageNetIndex,
     imagenet_answer,
-    imagenet_classes,
     imagenet_layouts,
+    imagenet_sample,
     index_imagenet,
     wnid_to_index,
 )
@@ -156,27 +156,15 @@ class ImageNetCDataset(BenchmarkDataset):
             if self.resize_crop:
                 image = resize_center_crop(image)
             image = corrupt_image(image, corruption, severity, sample_seed(self.seed, corruption, severity, key))
-        answer, content = imagenet_answer(label, self.answer_template)
-        cls = imagenet_classes()[label] if label >= 0 else None
-        return Sample(
-            id=self.sample_id(index),
-            image=image,
-            prompt=self.prompt,
-            answer=answer,
-            word_is_content=content,
-            word_mask_index=None if content is None else [-1] * len(content),
-            meta={
-                "dataset": "imagenet-c",
-                "index": index,
-                "corruption": corruption,
-                "severity": severity,
-                "file": key,
-                "label": label,
-                "wnid": cls.wnid if cls else None,
-                "class_name": cls.names if cls else None,
-                "mode": "released" if self.source is None else "generated",
-            },
-        )
+        meta = {
+            "dataset": "imagenet-c",
+            "index": index,
+            "corruption": corruption,
+            "severity": severity,
+            "file": key,
+            "mode": "released" if self.source is None else "generated",
+        }
+        return imagenet_sample(self.sample_id(index), image, self.prompt, label, self.answer_template, meta)
 
 
 class ImageNetCDataModule(BenchmarkDataModule):
