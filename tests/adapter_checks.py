@@ -3,6 +3,8 @@ padded batch == one by one, every method finite, ``load_model`` round trip."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from dexar import load_model, tracing
@@ -10,6 +12,7 @@ from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.methods import METHODS, DexAR, build_method
 from dexar.reference import naive_dexar, naive_layer_grads
+from dexar.schema import Sample
 
 TOL = 1e-10
 FAST_OPTIONS = {
@@ -151,3 +154,38 @@ def assert_load_roundtrip(model, processor, path, adapter_cls, sample) -> None:
     for key, value in b0.inputs.items():
         assert torch.equal(value, b1.inputs[key]), key
     assert (t0.grads - t1.grads).abs().max() <= TOL
+
+
+@contextmanager
+def local_vision(model, tower: str):
+    """Zero the vision tower's attention output: every patch feature depends on its own pixels only.
+
+    ``tower`` is the parameter-name fragment of the tower (``vision_model``, ``vision_tower``).
+    """
+    saved = []
+    for name, param in model.named_parameters():
+        if tower in name and "self_attn.out_proj" in name:
+            saved.append((param, param.detach().clone()))
+            param.data.zero_()
+    try:
+        yield
+    finally:
+        for param, value in saved:
+            param.data.copy_(value)
+
+
+def image_embeddings(adapter, image):
+    """The batch of one captioned ``image`` and the image-token inputs of its first decoder layer."""
+    batch = make_batch(adapter, [Sample(id="m", image=image, prompt="describe the image .", answer="i see")], [1])
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    hook = adapter.decoder_layers[0].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            adapter.backbone_forward(batch.inputs)
+    finally:
+        hook.remove()
+    return batch, seen[0][0, batch.inputs["input_ids"][0] == adapter.image_token_id]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -12,13 +11,14 @@ from PIL import Image
 
 from dexar.adapters import get_adapter
 from dexar.adapters.idefics3 import Idefics3Adapter
-from dexar.schema import Sample
 from dexar.testing_vlms import random_idefics3
 from tests.adapter_checks import (
     assert_batch_equals_alone,
     assert_exact,
     assert_load_roundtrip,
     assert_methods_run,
+    image_embeddings,
+    local_vision,
     make_batch,
 )
 
@@ -74,37 +74,6 @@ def test_cell_map_columns(idefics, tiled_samples):
     assert torch.allclose(global_view.sum(0), torch.ones(m * m, dtype=torch.float64), atol=1e-12)
 
 
-@contextmanager
-def _local_vision(model):
-    """Zero the vision tower's attention output: every patch feature depends on its own pixels only."""
-    saved = []
-    for name, param in model.named_parameters():
-        if "vision_model" in name and "self_attn.out_proj" in name:
-            saved.append((param, param.detach().clone()))
-            param.data.zero_()
-    try:
-        yield
-    finally:
-        for param, value in saved:
-            param.data.copy_(value)
-
-
-def _image_embeddings(adapter, image):
-    batch = make_batch(adapter, [Sample(id="m", image=image, prompt="describe the image .", answer="i see")], [1])
-    seen: list[torch.Tensor] = []
-
-    def keep(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    hook = adapter.decoder_layers[0].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            adapter.backbone_forward(batch.inputs)
-    finally:
-        hook.remove()
-    return batch, seen[0][0, batch.inputs["input_ids"][0] == adapter.image_token_id]
-
-
 def test_marked_region_lands_in_its_cell(idefics):
     """Mark an 8×8 block of a 64×64 image (2×2 tiles, no resize): one tile token moves, at the block's cell."""
     model, processor = idefics
@@ -113,9 +82,9 @@ def test_marked_region_lands_in_its_cell(idefics):
     base = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
     marked = base.copy()
     marked[40:48, 16:24] = 255  # cell (5, 2) of the 8×8 map
-    with _local_vision(model):
-        batch, before = _image_embeddings(adapter, Image.fromarray(base))
-        _, after = _image_embeddings(adapter, Image.fromarray(marked))
+    with local_vision(model, "vision_model"):
+        batch, before = image_embeddings(adapter, Image.fromarray(base))
+        _, after = image_embeddings(adapter, Image.fromarray(marked))
     change = (after - before).norm(dim=-1)  # (V,) per image token, sequence order
     tile_tokens = 4 * adapter.side**2
     assert batch.image_grid == (8, 8)
