@@ -91,14 +91,6 @@ class Florence2Adapter(VLMAdapter):
         self._identity = nn.Identity()
 
     @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> Any:
-        return self._lm.config
-
-    @property
     def decoder_layers(self) -> nn.ModuleList:
         return self._lm.decoder.layers
 
@@ -110,14 +102,6 @@ class Florence2Adapter(VLMAdapter):
     @property
     def final_norm(self) -> nn.Module:
         return self._identity
-
-    @property
-    def unembedding(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def decoder_prefix(self) -> list[int]:
