@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -882,36 +882,28 @@ def answer_log_probs(
         handle.remove()
 
 
-def last_layer_attention(
-    adapter: VLMAdapter, batch: TeacherForcedBatch, pixel_values: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(B, H, N, N)`` the last decoder layer's attention probabilities (every row, no gradients)."""
-    last = len(adapter.decoder_layers) - 1
-    state = _CaptureState(*_answer_span(batch), False, graph_from=last)
-    with _session(adapter, state, grad=False):
-        _forward(adapter, batch, state, pixel_values=pixel_values)
-    return state.full_probs[last]
-
-
 def grad_weighted_attention(
     adapter: VLMAdapter,
     batch: TeacherForcedBatch,
     pixel_values: torch.Tensor | None = None,
-    inject_last: torch.Tensor | None = None,
+    last_scales: Sequence[float] = (),
     per_token: bool = True,
     grad_chunk: int | None = None,
 ) -> torch.Tensor:
     """Chefer's ``Ā_t^l = mean_h ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})`` with ``f_t = log p(w_t | ...)``.
 
     One forward with every attention row in the graph, then one batched backward per chunk of
-    answer tokens (IIA's inner integrand).
+    answer tokens (IIA's inner integrand). With ``last_scales`` ``(β_1, …)``, the integrand is summed
+    over them: for each ``β`` the last decoder layer runs again with ``β·A^L`` (``A^L`` of this
+    forward, detached) injected in place of ``softmax(QK^T)`` (a leaf: no gradient through that
+    layer's queries and keys). The layers below do not depend on ``β``, so their forward and graph
+    are shared by every ``β``: one forward, ``len(last_scales)`` last-layer re-runs and backwards.
 
     Args:
         adapter: Adapter of the model.
         batch: The traced batch.
         pixel_values: Replace the batch's pixel values.
-        inject_last: ``(B, H, N, N)`` used as the last decoder layer's attention probabilities
-            instead of ``softmax(QK^T)`` (a leaf: no gradient through that layer's queries and keys).
+        last_scales: Scales ``β`` of the injected last-layer attention (empty: the model's own).
         per_token: One target per answer token; else the answer's log-likelihood ``Σ_t f_t``.
         grad_chunk: Answer tokens per batched backward.
 
@@ -919,13 +911,32 @@ def grad_weighted_attention(
         ``(B, T, L, N, N)``, or ``(B, 1, L, N, N)`` when ``per_token`` is False.
 
     """
-    num_layers = len(adapter.decoder_layers)
+    layers = adapter.decoder_layers
+    last = len(layers) - 1
     state = _CaptureState(*_answer_span(batch), False, graph_from=0)
-    if inject_last is not None:
-        work = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
-        state.inject[num_layers - 1] = inject_last.detach().to(work).requires_grad_(True)
+    call: dict[str, Any] = {}
+
+    def keep_call(module, args, kwargs):
+        call["args"], call["kwargs"] = args, kwargs
+
     with _session(adapter, state):
-        fwd = _forward(adapter, batch, state, pixel_values=pixel_values)
-        target = _log_probs(adapter, fwd.rows[-1], fwd.answer_ids)
-        probs = [state.full_probs[i] for i in range(num_layers)]
-        return _grad_attention(target, probs, grad_chunk, per_token).detach()
+        handle = layers[last].register_forward_pre_hook(keep_call, with_kwargs=True)
+        try:
+            fwd = _forward(adapter, batch, state, pixel_values=pixel_values)
+        finally:
+            handle.remove()
+        lower = [state.full_probs[i] for i in range(last)]
+        if not last_scales:
+            target = _log_probs(adapter, fwd.rows[-1], fwd.answer_ids)
+            return _grad_attention(target, [*lower, state.full_probs[last]], grad_chunk, per_token).detach()
+        own = state.full_probs[last].detach()
+        args, kwargs = call["args"], {**call["kwargs"], "past_key_values": None, "use_cache": False}
+        total = None
+        for beta in last_scales:
+            state.inject[last] = (own * beta).requires_grad_(True)
+            out = layers[last](*args, **kwargs)
+            rows = (out[0] if isinstance(out, tuple) else out)[:, state.start : state.stop]
+            target = _log_probs(adapter, rows, fwd.answer_ids)
+            cam = _grad_attention(target, [*lower, state.inject[last]], grad_chunk, per_token).detach()
+            total = cam if total is None else total + cam
+        return total

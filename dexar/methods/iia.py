@@ -26,8 +26,9 @@ class IIA:
     the answer token's log-likelihood (the class score of the image classifier). The map is the
     attention rollout of ``Ā`` read at the predicting row: ``R = M^L ⋯ M^1``,
     ``M^l = rownorm(Ā^l + I)``, ``E_t = R[p_t, V]``. The LLM's decoder layers play the ViT blocks;
-    the vision tower is not instrumented. Each ``(α, β)`` costs one forward and one batched backward
-    for all tokens (plus one forward per ``α`` to read ``A^L(x_α)``). Defaults: the target is the
+    the vision tower is not instrumented. The layers below the last do not depend on ``β``: each
+    ``α`` costs one forward (which also reads ``A^L(x_α)``), each ``(α, β)`` one re-run of the last
+    layer and one backward (batched over the tokens). Defaults: the target is the
     whole answer's log-likelihood ``Σ_t f_t`` (one plain backward per pair; the read-out rows ``p_t``
     stay per token) and ``s = 2`` (9 pairs), about the paper's cost ratio (21.5× DEX-AR);
     ``per_token=True`` (one target per token, batched backward) costs about ``T×`` more, and the
@@ -53,13 +54,11 @@ class IIA:
         pixels = batch.inputs["pixel_values"]
         work = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
         points = torch.linspace(0, 1, self.steps + 1, dtype=work)
+        betas = points.tolist()
         total = None
         for alpha in points:
-            scaled = pixels.to(work) * alpha
-            last = tracing.last_layer_attention(adapter, batch, scaled)
-            for beta in points:
-                cam = tracing.grad_weighted_attention(adapter, batch, scaled, last * beta, per_token=self.per_token)
-                total = cam if total is None else total + cam
+            cam = tracing.grad_weighted_attention(adapter, batch, pixels.to(work) * alpha, betas, self.per_token)
+            total = cam if total is None else total + cam
         total = total / len(points) ** 2
         return total if self.per_token else total[:, 0]
 
