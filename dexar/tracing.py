@@ -64,7 +64,11 @@ HIDDEN_GRADS = "hidden_grads"
 DEFAULT_NEEDS = frozenset({"attention_rows", "layer_grads"})
 """What DEX-AR needs: the answer rows of every ``A^l`` and their layer-local gradients."""
 GRAD_CHUNK_BYTES = 1 << 30
-"""Memory budget of one batched backward's gradients; the answer tokens are chunked to fit it."""
+"""Memory budget of one batched backward's gradients on an accelerator; the answer tokens are chunked to fit it."""
+CPU_GRAD_CHUNK_BYTES = 64 << 20
+"""The same budget on the CPU, where a batched backward is bound by memory traffic: with CheferCAM's
+``(c, B, H, N, N)`` gradients (187 MB per token in ``benchmarks/methods.py``) 5 tokens per backward took
+1.5× longer than one at a time (13.6 s vs 9.2 s for 20 tokens)."""
 
 
 def hidden_grads_need(layer: int) -> str:
@@ -497,12 +501,16 @@ def _graph_layer_hooks(
 
 @dataclass
 class _Forward:
-    """What one instrumented forward produced (tensors may carry graph)."""
+    """What one instrumented forward produced (tensors may carry graph).
+
+    ``layer_lens[l]`` is ``(B, T)`` layer ``l``'s logit lens, one graph per layer: a backward from one
+    layer's slice of a stacked ``(B, L, T)`` tensor would also push zero gradients down every other layer.
+    """
 
     rows: list[torch.Tensor]
     inputs: dict[int, torch.Tensor]
     last: torch.Tensor | None
-    lens: torch.Tensor
+    layer_lens: list[torch.Tensor]
     answer_ids: torch.Tensor
     answer_mask: torch.Tensor
 
@@ -548,14 +556,15 @@ def _forward(
     answer_ids = batch.answer_ids.to(batch.input_ids.device)
     answer_mask = answer_ids >= 0
     unembed = adapter.unembedding.weight[answer_ids.clamp(min=0)]  # (B, T, D)
+    bias = getattr(adapter.unembedding, "bias", None)
+    layer_lens = []
     with torch.set_grad_enabled(torch.is_grad_enabled() or state.rows_pass):  # rows-pass rows carry the graph
-        hidden = torch.stack(rows, dim=1)  # (B, L, T, D)
-        lens = (adapter.final_norm(hidden) * unembed[:, None].to(hidden.dtype)).sum(-1)  # (B, L, T)
-        bias = getattr(adapter.unembedding, "bias", None)
-        if bias is not None:
-            lens = lens + bias[answer_ids.clamp(min=0)][:, None]
-        lens = lens * answer_mask[:, None]
-    return _Forward(rows, inputs, last[0], lens, answer_ids, answer_mask)
+        for hidden in rows:  # (B, T, D) each: one graph per layer (see _Forward)
+            lens = (adapter.final_norm(hidden) * unembed.to(hidden.dtype)).sum(-1)  # (B, T)
+            if bias is not None:
+                lens = lens + bias[answer_ids.clamp(min=0)]
+            layer_lens.append(lens * answer_mask)
+    return _Forward(rows, inputs, last[0], layer_lens, answer_ids, answer_mask)
 
 
 def _log_probs(adapter: VLMAdapter, rows: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -570,7 +579,8 @@ def _chunk_size(inputs: list[torch.Tensor], requested: int | None) -> int:
     if requested is not None:
         return max(1, int(requested))
     per_token = sum(x.numel() * x.element_size() for x in inputs) * 2  # gradients + products
-    return max(1, GRAD_CHUNK_BYTES // max(per_token, 1))
+    budget = CPU_GRAD_CHUNK_BYTES if inputs[0].device.type == "cpu" else GRAD_CHUNK_BYTES
+    return max(1, budget // max(per_token, 1))
 
 
 def batched_grads(
@@ -589,6 +599,12 @@ def batched_grads(
         go = torch.zeros(c, b, t, dtype=target.dtype, device=target.device)
         index = torch.arange(c, device=target.device)
         go[index, :, t0 + index] = 1
+        if c == 1:  # a plain backward: vmap's batching machinery costs ~10% for a batch of one (CPU)
+            grads = torch.autograd.grad(
+                target, inputs, go[0], retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            yield t0, c, tuple(g[None] for g in grads)
+            continue
         grads = torch.autograd.grad(
             target, inputs, go, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
         )
@@ -723,8 +739,9 @@ def run(
     Passes: the default DEX-AR needs (``attention_rows``, ``layer_grads``) take one forward with
     detached layer inputs and one backward; ``full_attention`` and ``hidden_states`` add nothing but
     memory. ``final_logit_grads`` / ``hidden_grads:<k>`` keep the graph from layer 0 / ``k`` on and
-    add one batched backward (per chunk of answer tokens, see :data:`GRAD_CHUNK_BYTES`); with them,
-    ``layer_grads`` costs one layer-local ``autograd.grad`` per graph layer instead of a second forward.
+    add one batched backward per chunk of answer tokens (see :data:`GRAD_CHUNK_BYTES`,
+    :data:`CPU_GRAD_CHUNK_BYTES`); with them, ``layer_grads`` costs one layer-local ``autograd.grad``
+    per graph layer instead of a second forward.
 
     Args:
         adapter: Adapter of the model (its parameters are frozen for the call).
@@ -761,14 +778,14 @@ def run(
     grad_x_hidden: dict[int, torch.Tensor] = {}
     with _session(adapter, state, grad=not state.rows_pass):
         fwd = _forward(adapter, batch, state, set(grad_layers), "hidden_states" in plain)
-        lens = fwd.lens
+        layer_lens = fwd.layer_lens
         if graph_from is None:
             if want_grads:
                 with torch.enable_grad():  # the rows pass ran the forward itself without autograd
-                    lens.sum().backward()
+                    torch.stack(layer_lens).sum().backward()
         else:
             graph = list(range(graph_from, num_layers))
-            final = lens[:, -1]  # y_t^L: the model's own logit of w_t
+            final = layer_lens[-1]  # y_t^L: the model's own logit of w_t
             if want_final:
                 final_grad_attention = _grad_attention(final, [state.full_probs[i] for i in graph], grad_chunk)
             if grad_layers:
@@ -778,16 +795,17 @@ def run(
             if want_grads:
                 local = list(range(graph_from))
                 if local:
+                    target = sum(layer_lens[i].sum() for i in local)
                     found = torch.autograd.grad(
-                        lens[:, local].sum(), [state.probs[i] for i in local], retain_graph=True, allow_unused=True
+                        target, [state.probs[i] for i in local], retain_graph=True, allow_unused=True
                     )
                     layer_grads.update(zip(local, found, strict=True))
-                for i in graph:
+                for i in graph:  # layer_lens[i] reaches A^i through layer i only
                     if i in state.full_probs:
-                        (g,) = torch.autograd.grad(lens[:, i].sum(), state.full_probs[i], retain_graph=True)
+                        (g,) = torch.autograd.grad(layer_lens[i].sum(), state.full_probs[i], retain_graph=True)
                         layer_grads[i] = g[:, :, start:stop]
                     else:  # rows_only layer
-                        (layer_grads[i],) = torch.autograd.grad(lens[:, i].sum(), state.probs[i], retain_graph=True)
+                        (layer_grads[i],) = torch.autograd.grad(layer_lens[i].sum(), state.probs[i], retain_graph=True)
 
     rows = []
     for i in range(num_layers):
@@ -813,7 +831,7 @@ def run(
         batch=batch,
         attentions=attentions,
         grads=grads,
-        logit_lens=lens.detach(),
+        logit_lens=torch.stack(layer_lens, dim=1).detach(),
         image_index=image_index,
         text_mask=text_mask,
         answer_mask=fwd.answer_mask,
