@@ -228,6 +228,22 @@ def naive_log_probs(
     return logp.gather(-1, answer[:, None])[:, 0]
 
 
+def naive_integrated_gradients(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, alphas: list[float], weights: list[float]
+) -> torch.Tensor:
+    """``(C, H, W)`` ``x ⊙ Σ_i w_i ∂(Σ_t log p(w_t | α_i x))/∂x``: one textbook forward and backward per point."""
+    x = batch.sample_inputs(index)["pixel_values"][0].double()
+    total = torch.zeros_like(x)
+    for alpha, weight in zip(alphas, weights, strict=True):
+        point = (alpha * x).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out, answer, positions = _textbook_forward(adapter, batch, index, point[None])
+            logp = out.logits[0, positions].double().log_softmax(-1).gather(-1, answer[:, None]).sum()
+            (grad,) = torch.autograd.grad(logp, point)
+        total = total + weight * grad
+    return x * total
+
+
 _INJECT: dict[int, torch.Tensor] = {}
 INJECT_NAME = "dexar_reference_inject"
 

@@ -160,20 +160,21 @@ def _all_row_probs(
     key = repeat_kv(key, groups) if groups > 1 else key
     work = torch.promote_types(query.dtype, torch.float32)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query.to(work), key.to(work).transpose(-1, -2)) * scale
+    # The scale goes on the (N, d) queries, the masks in place: each (B, H, N, N) pass costs memory traffic.
+    scores = torch.matmul(query.to(work) * scale, key.to(work).transpose(-1, -2))
     n = key.shape[2]
     low = torch.finfo(work).min
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :n]
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, low)
+            scores.masked_fill_(~mask, low)
             return torch.softmax(scores, dim=-1) * mask.any(-1, keepdim=True)
-        scores = (scores + mask.to(work)).clamp(min=low)
+        scores = scores.add_(mask.to(work)).clamp(min=low)
     elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         offset = n - query.shape[2]
         q_pos = torch.arange(query.shape[2], device=query.device)[:, None] + offset
         k_pos = torch.arange(n, device=query.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, low)
+        scores.masked_fill_(k_pos > q_pos, low)
     return torch.softmax(scores, dim=-1)
 
 

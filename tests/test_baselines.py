@@ -29,6 +29,7 @@ from dexar.reference import (
     naive_final_logit_grads,
     naive_hidden_grads,
     naive_iia,
+    naive_integrated_gradients,
     naive_last_norm_grads,
     naive_layer_grads,
     naive_log_probs,
@@ -303,6 +304,28 @@ def test_integrated_gradients_completeness_at_64_steps(smooth64, samples):
         assert ((total - gain).abs() <= 0.01 * gain.abs()).all(), (total, gain)
         assert (per_token[b, :-length] == 0).all()
         assert (answer[b, -length:].sum(-1) - gain.sum()).abs().max() <= 0.01 * gain.sum().abs()
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_integrated_gradients_equals_point_by_point_loop(padded, spacing):
+    adapter, batch = padded
+    steps = 3
+    u = [(i + 0.5) / steps for i in range(steps)]
+    alphas, weights = (
+        (u, [1 / steps] * steps) if spacing == "uniform" else ([v * v for v in u], [2 * v / steps for v in u])
+    )
+    method = IntegratedGradients(steps=steps, batch_size=2, spacing=spacing)
+    out = method.attributions(tracing.run(adapter, batch, IntegratedGradients.needs))
+    h, w = batch.image_grid
+    for b in range(3):
+        pixel_map = naive_integrated_gradients(adapter, batch, b, alphas, weights).sum(0)  # over channels
+        ph, pw = pixel_map.shape[0] // h, pixel_map.shape[1] // w
+        expect = pixel_map.view(h, ph, w, pw).sum((1, 3)).flatten()
+        length = int(batch.answer_lengths[b])
+        for t in range(length):  # every token gets the answer's map
+            assert (out[b, t - length] - expect).abs().max() <= 1e-6 * expect.abs().max()
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        IntegratedGradients(spacing="log")
 
 
 def test_integrated_gradients_of_the_answer_is_the_sum_over_tokens(padded):

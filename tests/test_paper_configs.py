@@ -1,4 +1,4 @@
-"""Every configs/paper YAML parses on top of the default predict config, without loading a model."""
+"""Every configs/paper and configs/ablations YAML parses on top of the default predict config, model unloaded."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ HUB_IDS = {  # appendix B of the paper
 @functools.cache
 def _load(path: Path):
     args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(path)]
-    if path.parent.name != "shapes":
+    if path.parent == PAPER:  # real datasets; Shapes (paper/shapes, ablations) is generated
         args += ["--data.root", "/data/nowhere"]
     return main(args, run=False)
 
@@ -89,3 +89,12 @@ def test_every_grid_variant_sets_existing_keys_to_valid_options(path):
         for label, options in config.model.init_args.methods.items():
             options = dict(options)
             build_method(options.pop("method", label), **options)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ablation_config_loads_without_the_model(path):
+    cli = _load(path)
+    assert cli.model.vlm is None, "the model must not be loaded when the config is parsed"
+    assert cli.config.trainer.accelerator == "cpu"
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:2] == ["HeatmapWriter", "Timing"]
+    assert cli.model.methods and cli.model.metric_sets

@@ -28,11 +28,12 @@ class IIA:
     ``M^l = rownorm(Ā^l + I)``, ``E_t = R[p_t, V]``. The LLM's decoder layers play the ViT blocks;
     the vision tower is not instrumented. The layers below the last do not depend on ``β``: each
     ``α`` costs one forward (which also reads ``A^L(x_α)``), each ``(α, β)`` one re-run of the last
-    layer and one backward (batched over the tokens). Defaults: the target is the
-    whole answer's log-likelihood ``Σ_t f_t`` (one plain backward per pair; the read-out rows ``p_t``
-    stay per token) and ``s = 2`` (9 pairs), about the paper's cost ratio (21.5× DEX-AR);
-    ``per_token=True`` (one target per token, batched backward) costs about ``T×`` more, and the
-    authors' ViT setting ``s = 5`` (36 pairs) about 4× more.
+    layer and one backward (batched over the tokens). Defaults: the target is the whole answer's
+    log-likelihood ``Σ_t f_t`` (one plain backward per pair; the read-out rows ``p_t`` stay per token)
+    and ``s = 2`` (9 pairs): 12.5–15.2× DEX-AR measured by ``benchmarks/methods.py``, under the
+    paper's 21.5×. ``per_token=True`` (one target per token, batched backward) costs about ``T×``
+    more, and the authors' ViT setting ``s = 5`` (36 pairs) about 4× more; on 200 Shapes images POS
+    AUC is 18.0 / 20.5 / 23.7 at ``s`` = 1 / 2 / 4 (``configs/ablations/baseline_budgets.yaml``).
 
     Args:
         steps: Intervals ``s`` of each path (``s + 1`` points; the authors' ViT code uses 5).
@@ -45,6 +46,10 @@ class IIA:
 
     name: ClassVar[str] = "iia"
     needs: ClassVar[frozenset[str]] = frozenset({"extra_forwards"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"iia: need steps ≥ 1; got {self}")
 
     def integrated_attention(self, trace: Trace) -> torch.Tensor:
         """``(B, T, L, N, N)`` (or ``(B, L, N, N)`` without ``per_token``) the integrated ``Ā``."""
