@@ -905,24 +905,24 @@ def grad_weighted_attention(
     adapter: VLMAdapter,
     batch: TeacherForcedBatch,
     pixel_values: torch.Tensor | None = None,
-    last_scales: Sequence[float] = (),
+    last_scales: Sequence[float] = (1.0,),
     per_token: bool = True,
     grad_chunk: int | None = None,
 ) -> torch.Tensor:
     """Chefer's ``Ā_t^l = mean_h ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})`` with ``f_t = log p(w_t | ...)``.
 
     One forward with every attention row in the graph, then one batched backward per chunk of
-    answer tokens (IIA's inner integrand). With ``last_scales`` ``(β_1, …)``, the integrand is summed
-    over them: for each ``β`` the last decoder layer runs again with ``β·A^L`` (``A^L`` of this
-    forward, detached) injected in place of ``softmax(QK^T)`` (a leaf: no gradient through that
-    layer's queries and keys). The layers below do not depend on ``β``, so their forward and graph
-    are shared by every ``β``: one forward, ``len(last_scales)`` last-layer re-runs and backwards.
+    answer tokens (IIA's inner integrand), summed over ``last_scales`` ``(β_1, …)``: for each ``β`` the
+    last decoder layer runs again with ``β·A^L`` (``A^L`` of this forward, detached) injected in place
+    of ``softmax(QK^T)`` (a leaf: no gradient through that layer's queries and keys). The layers below
+    do not depend on ``β``, so their forward and graph are shared by every ``β``: one forward,
+    ``len(last_scales)`` last-layer re-runs and backwards.
 
     Args:
         adapter: Adapter of the model.
         batch: The traced batch.
         pixel_values: Replace the batch's pixel values.
-        last_scales: Scales ``β`` of the injected last-layer attention (empty: the model's own).
+        last_scales: Scales ``β`` of the injected last-layer attention.
         per_token: One target per answer token; else the answer's log-likelihood ``Σ_t f_t``.
         grad_chunk: Answer tokens per batched backward.
 
@@ -945,9 +945,6 @@ def grad_weighted_attention(
         finally:
             handle.remove()
         lower = [state.full_probs[i] for i in range(last)]
-        if not last_scales:
-            target = _log_probs(adapter, fwd.rows[-1], fwd.answer_ids)
-            return _grad_attention(target, [*lower, state.full_probs[last]], grad_chunk, per_token).detach()
         own = state.full_probs[last].detach()
         args, kwargs = call["args"], {**call["kwargs"], "past_key_values": None, "use_cache": False}
         total = None

@@ -32,13 +32,13 @@ class IntegratedGradients:
 
     Defaults: the target is the answer's log-likelihood ``Σ_t f_t`` (one plain backward per forward;
     every token gets that map), with 4 quadratic points: under the paper's cost ratio (11.5× DEX-AR;
-    ``benchmarks/methods.py`` measures 8.8–8.9× for 4 points, 10.2–12.1× for 5: one trace plus
+    ``benchmarks/methods.py`` measures 7.7–10.3× for 4 points, 10.2–12.1× for 5: one trace plus
     ≈ 2.15× DEX-AR per point). On 200 Shapes images (``configs/ablations/baseline_budgets.yaml``)
     quadratic points beat uniform ones at every budget (POS AUC 11.7 vs 7.9 at 5 points, 24.0 vs
     19.0 at 32); 4 of them match 10 uniform ones, the earlier default, in NEG AUC and EPG (2.48 /
     2.46, 0.127 / 0.128) but not in POS AUC (8.4 / 12.3). The maps keep improving with ``steps``
-    (cost linear in it). ``per_token=True`` gives each token its own target
-    ``f_t``, all tokens sharing one batched backward per forward, at about ``T×`` the cost.
+    (cost linear in it). ``per_token=True`` gives each token its own target ``f_t``, all tokens
+    sharing one batched backward per forward, at about ``T×`` the cost.
 
     Args:
         steps: Path points.
