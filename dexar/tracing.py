@@ -253,19 +253,22 @@ def capture_attention_forward(
         return torch.matmul(state.probs[layer], values).to(query.dtype).transpose(1, 2), None
     if state is not None and layer is not None and state.graph_from is not None and layer >= state.graph_from:
         return _graph_attention(module, query, key, value, attention_mask, scaling, is_causal, state, layer)
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+    if state is None or layer is None or not state.full:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if state is None or layer is None:
         return out, None
+    groups = getattr(module, "num_key_value_groups", 1)
+    value = repeat_kv(value, groups) if groups > 1 else value
+    if state.full:  # every row's probabilities are computed anyway: the output from them, not a second pass
+        with torch.no_grad():
+            every = _all_row_probs(module, query, key, attention_mask, scaling, is_causal)
+            state.mean_probs[layer] = every.mean(1)
+            out = torch.matmul(every, value.to(every.dtype)).to(query.dtype).transpose(1, 2).contiguous()
     probs = _answer_row_probs(module, query, key, attention_mask, scaling, is_causal, state.start, state.stop)
     leaf = probs.detach().requires_grad_(state.requires_grad)
     state.probs[layer] = leaf
-    if state.full:
-        with torch.no_grad():
-            state.mean_probs[layer] = _all_row_probs(module, query, key, attention_mask, scaling, is_causal).mean(1)
-    groups = getattr(module, "num_key_value_groups", 1)
-    value = repeat_kv(value, groups) if groups > 1 else value
     if state.rows_pass:  # the graph is built by the layer's answer-rows re-run, not here
         state.row_values[layer] = value.detach().to(leaf.dtype)
         return out, None
