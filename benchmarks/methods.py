@@ -40,10 +40,9 @@ PAPER = {  # the paper's table 1 (LLaVA-1.5, ImageNet / VQAv2), seconds relative
 }
 
 
-def _setup(args, answer_tokens: int):
+def _adapter(args):
     import torch
 
-    from datamodules.shapes import make_shapes_sample
     from dexar.adapters import get_adapter
     from dexar.testing import random_llava
 
@@ -57,12 +56,17 @@ def _setup(args, answer_tokens: int):
         vision_layers=1,
         dtype=torch.float32,
     )
-    adapter = get_adapter(model, processor)
+    return get_adapter(model, processor)
+
+
+def _batch(adapter, answer_tokens: int):
+    from datamodules.shapes import make_shapes_sample
+
     sample = make_shapes_sample(0)
     words = ("i see a red circle and a blue square and a green triangle " * 8).split()
     answer_ids = adapter.tokenize_answer(" ".join(words))[:answer_tokens]
     prompt_ids, image_inputs = adapter.encode_prompts([sample.image], [sample.prompt])
-    return adapter, adapter.build_batch(prompt_ids, [answer_ids], image_inputs)
+    return adapter.build_batch(prompt_ids, [answer_ids], image_inputs)
 
 
 def _overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
@@ -154,9 +158,9 @@ def main() -> None:
     for name in COSTLY:
         if name in methods:
             print(f"  {name}: {dataclasses.asdict(methods[name])}")
+    adapter = _adapter(args)
     for answer_tokens in args.answer_tokens:
-        adapter, batch = _setup(args, answer_tokens)
-        _table(args, adapter, batch, methods, answer_tokens)
+        _table(args, adapter, _batch(adapter, answer_tokens), methods, answer_tokens)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,8 @@ class IntegratedGradients:
                 continue
             x = adapter.pixel_view(batch, b).to(work)  # (C, H, W) for LLaVA; tiles or resized images
             total = torch.zeros(length if self.per_token else 1, *x.shape, dtype=work, device=x.device)
-            size = max(1, self.batch_size)
+            size, lead = max(1, self.batch_size), [1] * x.dim()
             for chunk, weight in zip(alphas.split(size), weights.split(size), strict=True):
-                lead = [1] * x.dim()
                 path = (chunk.view(-1, *lead) * x).requires_grad_(True)
                 with torch.enable_grad():
                     target = tracing.answer_log_probs(adapter, batch, path, index=b)[:, t_max - length :]
