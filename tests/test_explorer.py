@@ -44,6 +44,19 @@ def _page_json(page: str) -> dict:
     return json.loads(raw)
 
 
+def _set(path: str, value):
+    """A mutation: set the attribute at dotted ``path`` (``methods.0.words.0.map``) of a payload."""
+
+    def mutate(payload):
+        *parents, name = path.split(".")
+        target = payload
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else getattr(target, part)
+        setattr(target, name, value)
+
+    return mutate
+
+
 def _one_word_payload(**changes) -> ExplanationPayload:
     grid = np.linspace(0, 1, 16).reshape(4, 4)
     word = WordView(pieces=[PieceView("▁red", 1.0, grid)], weight=1.0, map=grid)
@@ -60,15 +73,15 @@ def _one_word_payload(**changes) -> ExplanationPayload:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda p: setattr(p.methods[0], "sequence_map", np.ones((2, 2, 2))), r"method 'dexar': sequence_map .*shape"),
-        (lambda p: setattr(p.methods[0].words[0], "map", np.full((4, 4), np.nan)), r"word 0 \('red'\): map .*non-finite"),
-        (lambda p: setattr(p.methods[0].words[0].pieces[0], "map", np.full((4, 4), 1.5)), r"piece 0 .*outside \[0, 1\]"),
-        (lambda p: setattr(p.methods[0].words[0], "weight", float("inf")), r"word 0 \('red'\): weight is not finite"),
-        (lambda p: setattr(p.methods[0].words[0], "pieces", []), r"method 'dexar', word 0 .* has no pieces"),
-        (lambda p: setattr(p, "methods", []), r"`methods` is empty"),
+        (_set("methods.0.sequence_map", np.ones((2, 2, 2))), r"method 'dexar': sequence_map .*shape"),
+        (_set("methods.0.words.0.map", np.full((4, 4), np.nan)), r"word 0 \('red'\): map .*non-finite"),
+        (_set("methods.0.words.0.pieces.0.map", np.full((4, 4), 1.5)), r"piece 0 .*outside \[0, 1\]"),
+        (_set("methods.0.words.0.weight", float("inf")), r"word 0 \('red'\): weight is not finite"),
+        (_set("methods.0.words.0.pieces", []), r"method 'dexar', word 0 .* has no pieces"),
+        (_set("methods", []), r"`methods` is empty"),
         (lambda p: p.methods.append(p.methods[0]), r"method names repeat"),
-        (lambda p: setattr(p, "grid_box", (0, 0, 9, 8)), r"grid_box .* inside the 8×8 image"),
-        (lambda p: setattr(p, "image", np.zeros((8, 8, 5), np.uint8)), r"image must be"),
+        (_set("grid_box", (0, 0, 9, 8)), r"grid_box .* inside the 8×8 image"),
+        (_set("image", np.zeros((8, 8, 5), np.uint8)), r"image must be"),
     ],
 )
 def test_bad_payload_names_the_key_at_fault(mutate, message):

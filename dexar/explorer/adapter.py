@@ -80,6 +80,21 @@ def word_view(pieces: list[PieceView], maps: np.ndarray, weights: np.ndarray, fi
     )
 
 
+LABELS = {
+    "dexar": "DEX-AR",
+    "attention": "Attention",
+    "rollout": "Rollout",
+    "gradcam": "GradCAM",
+    "chefercam": "CheferCAM",
+    "attngrad": "AttnGrad",
+    "integrated_gradients": "Integrated Gradients",
+    "rise": "RISE",
+    "iia": "IIA",
+    "tam": "TAM",
+}
+"""Display names of the registered methods (other names are shown as they are)."""
+
+
 def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool | None] | None = None) -> MethodView:
     """One method's view from an explanation-like object (see the module docstring)."""
     tokens = list(explanation.tokens)
@@ -113,6 +128,7 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
         sequence_map=_numpy(explanation.sequence_map),
         options=dict(getattr(explanation, "options", {}) or {}),
         sequence_empty=bool(getattr(explanation, "sequence_empty", False)),
+        label=LABELS.get(name, name),
     )
 
 

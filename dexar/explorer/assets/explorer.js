@@ -184,8 +184,13 @@
 
     els.panels = h("div", { class: "dx-panels" });
     els.caption = h("p", { class: "dx-status", "aria-live": "polite" });
+    const [x0, y0, x1, y1] = data.grid_box;
+    const cropNote = x0 > 0 || y0 > 0 || x1 < 1 || y1 < 1
+      ? h("p", { class: "dx-crop-note" }, h("span", { class: "dx-swatch dx-swatch-crop", "aria-hidden": "true" }),
+        "Darkened margins were cropped away by the model's processor: the model never saw them.")
+      : null;
     const view = h("section", { class: "dx-card dx-view", "aria-label": "Maps over the image" },
-      els.panels, h("div", { class: "dx-under" }, els.caption, colourBar()));
+      els.panels, h("div", { class: "dx-under" }, h("div", {}, els.caption, cropNote), colourBar()));
 
     const opts = h("details", { class: "dx-card dx-options" }, h("summary", { text: "Method options" }),
       h("div", { class: "dx-options-grid" }, methods.map((m) => h("div", {},
@@ -194,8 +199,8 @@
           [h("dt", { text: k }), h("dd", { text: typeof v === "string" ? v : JSON.stringify(v) })]))))));
 
     const foot = h("footer", { class: "dx-foot" },
-      "Self-contained page written by dexar: no network access, maps min-max normalized per word, ",
-      "the sequence map is the λ-weighted combination of the word maps.");
+      "Written by dexar: a self-contained page that works offline. Each map is shown on its own [0, 1] scale; ",
+      "the sequence map combines the answer's token maps (weighted by λ for DEX-AR).");
     app.replaceChildren(head, tools, answer, view, opts, foot);
     app.setAttribute("aria-busy", "false");
   }
@@ -411,6 +416,7 @@
   window.dexarExplorer = {
     state,
     data,
+    alpha: { low: ALPHA_LOW, high: ALPHA_HIGH },
     shownMap: () => els.figures.map((f) => ({ method: methods[f.m].name, unit: unitKey(shown()),
       map: Number(f.canvas.dataset.map) })),
     select: (w, p) => select(w === null ? null : { w, p: p === undefined ? null : p }, true),
