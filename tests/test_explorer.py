@@ -21,8 +21,10 @@ from dexar.explorer import (
     RunSample,
     WordView,
     group_pieces,
+    metric_specs,
     payload_from_explanations,
     render_explanation_html,
+    run_payload_from_results,
     wandb_html,
     write_explanation_html,
     write_run_explorer,
@@ -262,6 +264,32 @@ def test_missing_metric_values_are_written_as_null(tmp_path):
     index = write_run_explorer(run, tmp_path).read_text()
     data = json.loads(re.search(r'id="dx-run-data">(.*?)</script>', index, re.S).group(1))
     assert data["samples"][0]["metrics"] == {"dexar": {"epg": None, "iou": None}}
+
+
+def test_run_payload_from_results_json_and_metric_directions(tmp_path):
+    from metrics import EnergyPointingGame, NegativePerturbationAUC, PerturbationAUC
+
+    sets = {
+        "dexar": {"epg": EnergyPointingGame(), "neg_auc": NegativePerturbationAUC(), "pos_auc": PerturbationAUC()},
+        "attention": {"epg": EnergyPointingGame(), "other": object()},
+    }
+    specs = metric_specs(sets)
+    assert [(s.name, s.higher_is_better) for s in specs] == [("epg", True), ("neg_auc", False), ("pos_auc", True)]
+    results = {
+        "dataset": "ShapesDataModule",
+        "model": "shapes-llava",
+        "failed_samples": 1,
+        "unreadable_samples": 0,
+        "results": {"dexar": {"epg": {"value": 0.5, "count": 3, "skipped": 0}}},
+        "curves": {"dexar": {"neg_auc": {"levels": [0.0, 0.5], "y": [1.0, 1.2]}}},
+    }
+    samples = [RunSample(synthetic_payload(0, methods=("dexar",)), {"dexar": {"epg": 0.4}})]
+    run = run_payload_from_results(results, samples, specs, title="run-7")
+    assert run.means == {"dexar": {"epg": 0.5}} and run.curves == results["curves"]
+    assert run.details == {"dataset": "ShapesDataModule", "model": "shapes-llava", "failed samples": "1"}
+    index = write_run_explorer(run, tmp_path).read_text()
+    assert "Neg. AUC" not in index and "neg_auc ↓" in index  # the curve chart is titled with its direction
+    assert "<td>0.5</td>" in index  # the means table
 
 
 def test_curve_svg_puts_points_where_the_values_are():

@@ -36,6 +36,32 @@ def asset(name: str) -> str:
     return resources.files("dexar.explorer").joinpath("assets", name).read_text(encoding="utf-8")
 
 
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+"""What a page may load: nothing but its own inline style, script and ``data:`` images."""
+
+EXPLANATION_BODY = (
+    '<main id="dx-app" class="dx" aria-busy="true"><noscript><p class="dx-note">This page draws its maps with '
+    "JavaScript: allow scripts for this file to see them.</p></noscript></main>"
+)
+
+
+def shell(title: str, body: str, data_id: str, data: Any, css: str, js: str, csp: str = CSP) -> str:
+    """A complete page: ``assets/shell.html`` around ``body``, the JSON ``data`` and the inlined CSS/JS.
+
+    ``js`` is the page's script; :file:`assets/common.js` (shared helpers) is put before it.
+    """
+    return fill(
+        asset("shell.html"),
+        csp=csp,
+        title=html.escape(title),
+        css=css,
+        body=body,
+        data_id=data_id,
+        data=script_json(data),
+        js=asset("common.js") + js,
+    )
+
+
 def script_json(value: Any) -> str:
     """JSON safe inside ``<script>``: ``<``, ``>``, ``&`` and line separators are escaped."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -145,13 +171,7 @@ def render_explanation_html(payload: ExplanationPayload, side_by_side: bool = Fa
     """
     data = page_data(payload, **sizes)
     data["side_by_side"] = bool(side_by_side)
-    return fill(
-        asset("explanation.html"),
-        title=html.escape(data["title"]),
-        css=asset("explorer.css"),
-        data=script_json(data),
-        js=asset("explorer.js"),
-    )
+    return shell(data["title"], EXPLANATION_BODY, "dx-data", data, asset("explorer.css"), asset("explorer.js"))
 
 
 def write_explanation_html(

@@ -28,7 +28,7 @@ from typing import Any
 
 from dexar.explorer.curves import curve_svg, method_colour
 from dexar.explorer.encode import thumbnail_uri
-from dexar.explorer.page import asset, fill, script_json, write_explanation_html
+from dexar.explorer.page import CSP, asset, fill, shell, write_explanation_html
 from dexar.explorer.payload import ExplanationPayload
 
 SIZE_BUDGET = {
@@ -92,6 +92,39 @@ class RunPayload:
     means: dict[str, dict[str, float | None]] = field(default_factory=dict)
     title: str = "dexar run"
     details: dict[str, str] = field(default_factory=dict)
+
+
+def metric_specs(metric_sets: Mapping[str, Mapping[str, Any]]) -> list[MetricSpec]:
+    """The per-sample metrics of ``{method: {name: metric}}`` (e.g. ``ExplainerModule.metric_sets``).
+
+    A metric counts when it has ``per_sample``; its direction is its ``higher_is_better``. First-seen
+    order; a name seen with two directions gets None (unknown).
+    """
+    specs: dict[str, MetricSpec] = {}
+    for group in metric_sets.values():
+        for name, metric in group.items():
+            if not hasattr(metric, "per_sample"):
+                continue
+            direction = getattr(metric, "higher_is_better", None)
+            if name in specs and specs[name].higher_is_better != direction:
+                specs[name].higher_is_better = None
+            specs.setdefault(name, MetricSpec(name, direction))
+    return list(specs.values())
+
+
+def run_payload_from_results(
+    results: Mapping[str, Any], samples: list[RunSample], metrics: list[MetricSpec], title: str = "dexar run"
+) -> RunPayload:
+    """A :class:`RunPayload` from the ``results.json`` predict writes (means, curves, dataset, model)."""
+    means = {
+        method: {name: stats.get("value") for name, stats in by_metric.items()}
+        for method, by_metric in results.get("results", {}).items()
+    }
+    details = {key: str(results[key]) for key in ("dataset", "model") if results.get(key) is not None}
+    for key in ("failed_samples", "unreadable_samples"):
+        if results.get(key):
+            details[key.replace("_", " ")] = str(results[key])
+    return RunPayload(samples, metrics, dict(results.get("curves", {})), means, title, details)
 
 
 def safe_name(sample_id: str) -> str:
@@ -251,18 +284,17 @@ def write_run_explorer(run: RunPayload, run_dir: str | Path, **sizes: int) -> Pa
     details = " · ".join(html.escape(f"{k}: {v}") for k, v in run.details.items())
     counts = f"{len(run.samples)} samples · {len(methods)} method{'s' if len(methods) != 1 else ''}"
     curves = curves_html(run, methods, labels)
-    index = fill(
-        asset("index.html"),
+    body = fill(
+        asset("index-body.html"),
         title=html.escape(run.title),
-        css=asset("explorer.css") + asset("run.css"),
         details=" · ".join(x for x in (details, counts) if x),
         means=means_table(run, methods, labels),
         curves=f'<div class="dx-curves">{legend_html(methods, labels)}<div class="dx-charts">{curves}</div></div>'
         if curves
         else "",
-        data=script_json(data),
-        js=asset("run.js"),
     )
+    css = asset("explorer.css") + asset("run.css")
+    index = shell(run.title, body, "dx-run-data", data, css, asset("run.js"), csp=f"{CSP}; frame-src file: 'self'")
     path = out / "index.html"
     path.write_text(index, encoding="utf-8")
     return path

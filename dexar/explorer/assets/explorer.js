@@ -38,26 +38,8 @@
     return lut;
   }
 
-  function h(tag, attrs, ...children) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") el.className = v;
-      else if (k === "text") el.textContent = v;
-      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-      else if (k === "style") el.setAttribute("style", v);
-      else el.setAttribute(k, v === true ? "" : v);
-    }
-    for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c);
-    return el;
-  }
-
-  function fmt(x) {
-    if (x === null || x === undefined || !isFinite(x)) return "–";
-    const a = Math.abs(x);
-    if (a !== 0 && (a < 0.01 || a >= 1000)) return x.toExponential(2);
-    return x.toFixed(a < 1 ? 3 : 2);
-  }
+  const h = dxH;
+  const fmt = (x) => dxFmt(x, 0.01, 1000);
 
   // ---------- units: the things one can show (sequence, a word, a piece) ----------
 
@@ -152,7 +134,7 @@
       els.tabs = h("div", { class: "dx-tabs", role: "tablist", "aria-label": "Method" });
       methods.forEach((m, i) => {
         els.tabs.append(h("button", { class: "dx-tab", role: "tab", type: "button", "data-method": m.name,
-          id: `dx-tab-${i}`, onclick: () => setMethod(i), onkeydown: tabKeys }, m.label));
+          id: `dx-tab-${i}`, "aria-controls": "dx-panels", onclick: () => setMethod(i), onkeydown: tabKeys }, m.label));
       });
       els.side = h("button", { class: "dx-switch", type: "button", "aria-pressed": "false", id: "dx-side",
         title: "Show every method side by side (s)", onclick: () => setSide(!state.side) },
@@ -182,7 +164,7 @@
           h("span", { class: "dx-keys", text: "hover or ← → to move · Esc: whole answer" }))),
       els.words);
 
-    els.panels = h("div", { class: "dx-panels" });
+    els.panels = h("div", { class: "dx-panels", id: "dx-panels" });
     els.caption = h("p", { class: "dx-status", "aria-live": "polite" });
     const [x0, y0, x1, y1] = data.grid_box;
     const cropNote = x0 > 0 || y0 > 0 || x1 < 1 || y1 < 1
@@ -340,7 +322,9 @@
   function setPieces(on) {
     state.pieces = on;
     if (els.pieces) els.pieces.setAttribute("aria-pressed", String(on));
-    if (!on && state.selected && state.selected.p !== null) state.selected = { w: state.selected.w, p: null };
+    const sel = state.selected;
+    if (!on && sel && sel.p !== null) state.selected = { w: sel.w, p: null };
+    if (on && sel && sel.p === null && words[sel.w].pieces.length > 1) state.selected = { w: sel.w, p: 0 };
     state.hover = null;
     buildWords();
     render();

@@ -17,25 +17,8 @@
   const timing = { indexReadyAt: null, firstSampleReadyAt: null, sampleReadyAt: null, sampleReady: null };
   let tbody = null;
 
-  function h(tag, attrs, ...children) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") el.className = v;
-      else if (k === "text") el.textContent = v;
-      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-      else el.setAttribute(k, v === true ? "" : v);
-    }
-    for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c);
-    return el;
-  }
-
-  function fmt(x) {
-    if (x === null || x === undefined || !isFinite(x)) return "–";
-    const a = Math.abs(x);
-    if (a !== 0 && (a < 0.001 || a >= 10000)) return x.toExponential(2);
-    return x.toPrecision(3);
-  }
+  const h = dxH;
+  const fmt = (x) => dxFmt(x, 0.001, 10000);
 
   function value(sample, method) {
     const v = ((sample.metrics || {})[method] || {})[state.metric];
@@ -126,7 +109,7 @@
         const frac = v === null ? 0 : hi > lo ? (v - lo) / (hi - lo) : 1;
         return h("td", { class: "dx-num", style: `--f:${frac.toFixed(3)}` }, h("span", { class: "dx-val", text: fmt(v) }));
       });
-      tbody.append(h("tr", { "data-index": String(i), "aria-selected": String(on), tabindex: on ? "0" : "-1",
+      tbody.append(h("tr", { "data-index": String(i), "aria-current": on ? "true" : null, tabindex: on ? "0" : "-1",
         onclick: () => choose(i, true) },
         h("td", { class: "dx-num dx-idx", text: String(i + 1) }),
         h("td", { class: "dx-sample", title: s.answer }, h("img", { class: "dx-thumb", src: s.thumb, alt: "" }),
@@ -134,7 +117,8 @@
             h("span", { class: "dx-ans", text: s.answer }))),
         cells));
     });
-    const table = h("table", { class: "dx-table", "aria-label": "Samples: choose one to see its explanation" },
+    const table = h("table", { class: "dx-table",
+      "aria-label": "Samples: click a row or move with the up and down arrow keys to see its explanation" },
       thead, tbody);
     wrap.replaceChildren(table);
   }
@@ -145,7 +129,8 @@
     state.selected = i;
     tbody.querySelectorAll("tr").forEach((tr) => {
       const on = Number(tr.dataset.index) === i;
-      tr.setAttribute("aria-selected", String(on));
+      if (on) tr.setAttribute("aria-current", "true");
+      else tr.removeAttribute("aria-current");
       tr.tabIndex = on ? 0 : -1;
       if (on && focus) { tr.focus(); tr.scrollIntoView({ block: "nearest" }); }
     });
