@@ -391,7 +391,7 @@
     document.documentElement.dataset.ready = "1";
     window.dexarReadyAt = performance.now();
     if (window.parent !== window) {  // inside the run explorer: tell it we are ready and how tall we are
-      const height = () => document.documentElement.scrollHeight;
+      const height = () => app.offsetTop + app.offsetHeight;  // not scrollHeight: it never drops below the frame
       window.parent.postMessage({ dexar: "ready", sample: data.sample_id, height: height() }, "*");
       new ResizeObserver(() => window.parent.postMessage({ dexar: "height", height: height() }, "*")).observe(app);
     }
