@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:
+    from dexar.adapters.geometry import MapGeometry
 
 
 class DexarInputError(ValueError):
@@ -191,6 +194,14 @@ class VLMAdapter:
         return TeacherForcedBatch(inputs, answers, lengths, self.image_grid(image_inputs))
 
     # -- per-sample image geometry (dynamic resolution, tiles) ----------------------------------
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """Where the explanation maps of ``image`` lie on it: the grid mapped back through the processor's view.
+
+        Each family declares it from its image processor's real steps (resize, center crop, pad, tiles);
+        :meth:`dexar.explanation.Explanation.upsample` places the maps with it and ``seen`` comes from it.
+        """
+        raise NotImplementedError
+
     def grid_key(self, image: Image.Image) -> Any:
         """Samples whose images give equal keys share one batch (same image-token layout); ``None``: any."""
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 @dataclass
@@ -72,6 +74,11 @@ class Florence2Adapter(VLMAdapter):
 
     Methods refused (:attr:`refused_methods`): those defined on a decoder's self-attention over
     image and text tokens or on image hidden states in the decoder.
+
+    Geometry (:attr:`view`): the processor resizes the whole image to 768×768 (no crop); the DaViT
+    grid is taken as the even partition of that view (the stem's padded convolutions centre each
+    feature's receptive field up to half a cell above-left of its cell; not modelled), so it covers
+    the whole image.
     """
 
     model_types = ("florence2",)
@@ -89,6 +96,16 @@ class Florence2Adapter(VLMAdapter):
     def __init__(self, model: nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
         self._identity = nn.Identity()
+        _ = self.view  # an image processor of unknown geometry fails here, at setup
+
+    @cached_property
+    def view(self) -> ProcessorView:
+        """The image processor's view geometry."""
+        return ProcessorView.of(self.processor.image_processor)
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The DaViT grid over the whole processor view (a plain resize), mapped back to ``image``."""
+        return self.view.geometry((image.height, image.width))
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from functools import cached_property
+from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
+from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 class LlavaAdapter(VLMAdapter):
@@ -15,11 +19,29 @@ class LlavaAdapter(VLMAdapter):
 
     Prompt template (paper appendix B): ``USER: <image>\n{prompt} ASSISTANT:``. The image grid is
     square: 24×24 for LLaVA-1.5-336 (patch 14, CLS dropped), 8×8 for the Shapes model.
+
+    Geometry (:attr:`view`): the ``llava-hf`` processors resize the shortest edge to 336 and center-crop
+    336×336, so on a non-square image the grid covers only the central crop; the grid spans the
+    crop's top-left ``side · patch`` pixels (the patch convolution's reach), mapped back to the image.
     """
 
     model_types = ("llava",)
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
     row_local_text_models = ("llama", "mistral", "qwen2")  # pre-norm blocks: row-local outside attention
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__(model, processor)
+        _ = self.view  # an image processor of unknown geometry fails here, at setup
+
+    @cached_property
+    def view(self) -> Any:
+        """The image processor's view geometry (:class:`~dexar.adapters.geometry.ProcessorView`)."""
+        return ProcessorView.of(self.processor.image_processor)
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The grid on the processor's view (resize, center crop), mapped back to ``image``."""
+        side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
+        return self.view.geometry((image.height, image.width), span=(side, side))
 
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:

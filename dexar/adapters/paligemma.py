@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -23,6 +25,8 @@ class PaliGemmaAdapter(VLMAdapter):
     earlier answer tokens, never a masked or future column.
 
     The image grid is the SigLIP patch grid, row-major: ``(image_size / patch_size)²`` (16×16 at 224 px).
+    Geometry (:attr:`view`): the SigLIP processor resizes the whole image to 224×224 (no crop), so the
+    grid covers the whole image.
     Positions are 1-indexed as in ``PaliGemmaModel``. Prompt template (paper appendix B): the prompt
     as is; the paper's captioning prompt is :attr:`paper_prompt`.
     """
@@ -41,6 +45,17 @@ class PaliGemmaAdapter(VLMAdapter):
                 "e.g. PaliGemma 2) is not supported; use a PaliGemma (Gemma) checkpoint such as "
                 "google/paligemma-3b-pt-224"
             )
+        _ = self.view  # an image processor of unknown geometry fails here, at setup
+
+    @cached_property
+    def view(self) -> ProcessorView:
+        """The image processor's view geometry."""
+        return ProcessorView.of(self.processor.image_processor)
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The patch grid on the processor's view (a plain resize), mapped back to ``image``."""
+        side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
+        return self.view.geometry((image.height, image.width), span=(side, side))
 
     @property
     def _image_token(self) -> str:
