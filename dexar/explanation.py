@@ -66,7 +66,7 @@ class Explanation:
         """
         size = (int(size[0]), int(size[1]))
         geometry = self.placement(size)
-        maps = torch.cat([self.token_maps, self.sequence_map[None]], dim=0).float()
+        maps = torch.cat([self.token_maps.double(), self.sequence_map[None].double()], dim=0)
         up = geometry.place(maps, size)
         return replace(
             self,

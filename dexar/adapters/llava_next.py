@@ -218,8 +218,8 @@ class LlavaNextAdapter(LlavaAdapter):
         height, width, pad_top, pad_left = layout.canvas
         pixels = self.view.tile / g
         scale = torch.tensor([height / (h * pixels), width / (w * pixels)] * 2, dtype=torch.float64)
-        shift = torch.tensor([(pad_top - top * pixels) / (h * pixels), (pad_left - left * pixels) / (w * pixels)] * 2)
-        global_boxes = grid_boxes(row, col, g, g) * scale + shift.to(torch.float64)
+        shift = [(pad_top - top * pixels) / (h * pixels), (pad_left - left * pixels) / (w * pixels)]
+        global_boxes = grid_boxes(row, col, g, g) * scale + torch.tensor(shift * 2, dtype=torch.float64)
         tile_row, tile_col = (tile - 1).clamp(min=0) // layout.per_row, (tile - 1).clamp(min=0) % layout.per_row
         big_row, big_col = tile_row * g + row - top, tile_col * g + col - left
         tile_boxes = grid_boxes(big_row, big_col, h, w)
