@@ -37,9 +37,11 @@ SINGLE_VIEW_PROCESSORS = ("CLIPImageProcessor", "LlavaImageProcessor", "SiglipIm
 """Image processors whose geometry :class:`ProcessorView` reproduces (either backend)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class MapGeometry:
     """Where one explanation's maps lie on its original image.
+
+    A plain (not frozen) dataclass: Lightning rebuilds the dataclasses of predict outputs field by field.
 
     Attributes:
         image_size: ``(H, W)`` of the original image.
@@ -93,6 +95,13 @@ class MapGeometry:
         rx = _axis_weights(size[1], maps.shape[-1], self.image_size[1], (x0, x1), (t0, t1))
         out = ry @ maps.to(torch.float64) @ rx.T
         return out.to(maps.dtype if maps.is_floating_point() else torch.float64)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MapGeometry:
+        """The geometry written by :meth:`to_dict` (e.g. a shard record's ``geometry``)."""
+        return cls(
+            tuple(data["image_size"]), tuple(data["box"]), tuple(data["seen_box"]), bool(data.get("placed", False))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
