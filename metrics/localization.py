@@ -25,6 +25,11 @@ class _LocalizationMetric(SampleMeanMetric):
     def _value(self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def _values(
+        self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None, seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._value(maps, masks, MF.outside_view(ignore, seen))
+
     def update(
         self,
         maps: torch.Tensor,
@@ -33,7 +38,7 @@ class _LocalizationMetric(SampleMeanMetric):
         seen: torch.Tensor | None = None,
     ) -> None:
         """Score a batch of maps on the seen pixels; degenerate samples (NaN, see the functional docs) are skipped."""
-        self._add_values(self._value(maps, masks, MF.outside_view(ignore, seen)))
+        self._add_values(self._values(maps, masks, ignore, seen))
 
 
 class UnseenMaskFraction(_LocalizationMetric):
@@ -48,15 +53,10 @@ class UnseenMaskFraction(_LocalizationMetric):
     reports_unseen_mask = True
     """Marks the metric that reports the mask outside the view (the evaluator warns when none does)."""
 
-    def update(
-        self,
-        maps: torch.Tensor,
-        masks: torch.Tensor,
-        ignore: torch.Tensor | None = None,
-        seen: torch.Tensor | None = None,
-    ) -> None:
-        """Record each mask's unseen share (``maps`` are not used)."""
-        self._add_values(MF.unseen_mask_fraction(masks, seen, ignore))
+    def _values(
+        self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None, seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        return MF.unseen_mask_fraction(masks, seen, ignore)  # the maps are not used
 
 
 class EnergyPointingGame(_LocalizationMetric):

@@ -114,6 +114,16 @@ def llava15():
     return model, processor
 
 
+def checked_geometry(model, processor, size: tuple[int, int], cells_of) -> MapGeometry:
+    """The adapter's geometry of a coordinate image of ``size``, checked against ``cells_of(adapter, image)``."""
+    adapter = get_adapter(model, processor)
+    image = coordinate_image(*size)
+    cells, grid = cells_of(adapter, image)
+    geometry = adapter.map_geometry(image)
+    assert_matches_reference(geometry, cells, grid)
+    return geometry
+
+
 def single_view_cells(adapter, image: Image.Image) -> tuple[dict, tuple[int, int]]:
     processor = copy.copy(adapter.processor)
     processor.image_processor = raw(adapter.processor.image_processor)
@@ -128,19 +138,14 @@ LLAVA_SIZES = [(336, 672), (336, 673), (672, 336), (336, 168)]
 
 @pytest.mark.parametrize("size", LLAVA_SIZES)
 def test_llava15_grid_is_the_center_crop(llava15, size):
-    model, processor = llava15
-    adapter = get_adapter(model, processor)
-    image = coordinate_image(*size)
-    cells, grid = single_view_cells(adapter, image)
-    geometry = adapter.map_geometry(image)
-    assert_matches_reference(geometry, cells, grid)
+    geometry = checked_geometry(*llava15, size, single_view_cells)
     seen = geometry.seen()
     short = min(size)
     assert int(seen.sum()) == short * short  # the 336-pixel crop of a 336-pixel short side (scale 1 or 2)
     wide = size[1] > size[0]
     margin = (slice(None), slice(0, (size[1] - short) // 2)) if wide else (slice(0, (size[0] - short) // 2),)
     assert not seen[margin].any()
-    placed = geometry.place(torch.ones(grid, dtype=torch.float64))
+    placed = geometry.place(torch.ones(24, 24, dtype=torch.float64))
     assert torch.equal(placed > 0, seen) and placed[margin].abs().max() == 0
 
 
@@ -149,12 +154,9 @@ def test_shapes_processor_crops_non_square_images():
     from dexar import SHAPES_CHECKPOINT, load_model
 
     model, processor = load_model(SHAPES_CHECKPOINT)
-    adapter = get_adapter(model, processor)
-    assert adapter.view.crop == (64, 64)
+    assert get_adapter(model, processor).view.crop == (64, 64)
     for size in [(64, 128), (128, 64), (32, 64)]:
-        image = coordinate_image(*size)
-        cells, grid = single_view_cells(adapter, image)
-        assert_matches_reference(adapter.map_geometry(image), cells, grid)
+        checked_geometry(model, processor, size, single_view_cells)
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +189,8 @@ def test_florence2_grid_is_the_whole_image(size):
     processor.image_processor = CLIPImageProcessorPil(
         size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768}, do_center_crop=False
     )
-    adapter = get_adapter(model, processor)
-    image = coordinate_image(*size)
-    cells, grid = single_view_cells(adapter, image)
-    assert grid == (96, 96)  # the tiny DaViT's two stages (strides 4, 2) over 768 px
-    assert_matches_reference(adapter.map_geometry(image), cells, grid)
-    assert adapter.map_geometry(image).seen().all()
+    assert get_adapter(model, processor).image_grid({"pixel_values": torch.zeros(1, 3, 768, 768)}) == (96, 96)
+    assert checked_geometry(model, processor, size, single_view_cells).seen().all()  # tiny DaViT: strides 4, 2
 
 
 # -- dynamic resolution and tiles -------------------------------------------------------------------
@@ -240,12 +238,7 @@ def tile_cells(adapter, image: Image.Image) -> tuple[dict, tuple[int, int]]:
 # global view); 330 px: the kept rows reach 3 px into the padding
 @pytest.mark.parametrize("size", [(320, 672), (672, 320), (330, 672), (672, 330)])
 def test_llava_next_grid_is_the_kept_tiles(llava_next_hub, size):
-    model, processor = llava_next_hub
-    adapter = get_adapter(model, processor)
-    image = coordinate_image(*size)
-    cells, grid = tile_cells(adapter, image)
-    geometry = adapter.map_geometry(image)
-    assert_matches_reference(geometry, cells, grid)
+    geometry = checked_geometry(*llava_next_hub, size, tile_cells)
     long_axis = int(np.argmax(size))
     short = 1 - long_axis
     seen_lines = geometry.seen().any(long_axis)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +10,6 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
-from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 @dataclass
@@ -96,16 +94,7 @@ class Florence2Adapter(VLMAdapter):
     def __init__(self, model: nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
         self._identity = nn.Identity()
-        _ = self.view  # an image processor of unknown geometry fails here, at setup
-
-    @cached_property
-    def view(self) -> ProcessorView:
-        """The image processor's view geometry."""
-        return ProcessorView.of(self.processor.image_processor)
-
-    def map_geometry(self, image: Image.Image) -> MapGeometry:
-        """The DaViT grid over the whole processor view (a plain resize), mapped back to ``image``."""
-        return self.view.geometry((image.height, image.width))
+        _ = self.view  # an image processor of unknown geometry fails here, at setup (the grid spans the view)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

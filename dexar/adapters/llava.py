@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -11,7 +10,6 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
-from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 class LlavaAdapter(VLMAdapter):
@@ -33,15 +31,11 @@ class LlavaAdapter(VLMAdapter):
         super().__init__(model, processor)
         _ = self.view  # an image processor of unknown geometry fails here, at setup
 
-    @cached_property
-    def view(self) -> Any:
-        """The image processor's view geometry (:class:`~dexar.adapters.geometry.ProcessorView`)."""
-        return ProcessorView.of(self.processor.image_processor)
-
-    def map_geometry(self, image: Image.Image) -> MapGeometry:
-        """The grid on the processor's view (resize, center crop), mapped back to ``image``."""
+    @property
+    def view_span(self) -> tuple[int, int]:
+        """The patch convolution's reach over the view: ``side · patch`` pixels a side."""
         side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
-        return self.view.geometry((image.height, image.width), span=(side, side))
+        return side, side
 
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +10,6 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
-from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -47,15 +45,11 @@ class PaliGemmaAdapter(VLMAdapter):
             )
         _ = self.view  # an image processor of unknown geometry fails here, at setup
 
-    @cached_property
-    def view(self) -> ProcessorView:
-        """The image processor's view geometry."""
-        return ProcessorView.of(self.processor.image_processor)
-
-    def map_geometry(self, image: Image.Image) -> MapGeometry:
-        """The patch grid on the processor's view (a plain resize), mapped back to ``image``."""
+    @property
+    def view_span(self) -> tuple[int, int]:
+        """The patch convolution's reach over the view: ``side · patch`` pixels a side."""
         side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
-        return self.view.geometry((image.height, image.width), span=(side, side))
+        return side, side
 
     @property
     def _image_token(self) -> str:
