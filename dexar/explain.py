@@ -96,6 +96,7 @@ class Explainer:
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
         trace = tracing.run(self.adapter, batch, self.needs)
         clock.lap("trace")
+        geometries = [self.adapter.map_geometry(s.image) for s in samples]
         results: dict[str, list[Explanation]] = {}
         for name, method in self.methods.items():
             out = method(trace)
@@ -121,6 +122,7 @@ class Explainer:
                         answer=texts[b],
                         image=sample.image if keep_images else None,
                         sample_id=sample.id,
+                        geometry=geometries[b],
                     )
                 )
             results[name] = per_sample

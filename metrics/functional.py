@@ -4,6 +4,10 @@ Paper section 4 and appendix F. Shapes: maps ``(N, H, W)`` ≥ 0, masks ``(N, H,
 ``ignore`` ``(N, H, W)`` bool (pixels excluded from every metric, e.g. VOC's boundary label 255); the
 *valid* pixels of a sample are those not ignored. Every function returns ``(N,)`` values.
 
+The model's view: pixels the model never saw (e.g. outside LLaVA-1.5's center crop) carry no map and
+cannot be scored; :func:`outside_view` adds them to ``ignore`` (what the metric classes do with their
+``seen`` argument) and :func:`unseen_mask_fraction` reports how much of each mask they hold.
+
 Rule for degenerate inputs: a value is NaN exactly when the formula is undefined (0/0, or a mean over
 an empty set: no valid pixel, no token of a kind, an all-zero map where a ratio needs energy, a curve
 with non-finite values). Every other case gets the formula's value; each docstring lists its cases.
@@ -35,7 +39,9 @@ __all__ = [
     "perturbation_auc",
     "pic_auc",
     "pic_curve",
+    "outside_view",
     "soft_iou",
+    "unseen_mask_fraction",
     "webp_size",
 ]
 
@@ -197,6 +203,44 @@ def mask_snr(
     mean_out = (e * outside).flatten(1).sum(1) / n_out.clamp(min=1)
     snr = mean_in / mean_out.clamp(min=eps)
     return _nan_where((n_in == 0) | (n_out == 0) | (peak <= 0), snr)
+
+
+def outside_view(ignore: torch.Tensor | None, seen: torch.Tensor | None) -> torch.Tensor | None:
+    """``ignore ∪ ¬seen``: the pixels a localization metric must not score (``None`` when neither is given)."""
+    if seen is None:
+        return ignore
+    unseen = ~_as_bool(seen, "seen")
+    return unseen if ignore is None else _as_bool(ignore, "ignore") | unseen
+
+
+def unseen_mask_fraction(
+    masks: torch.Tensor, seen: torch.Tensor | None, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Share of each mask the model never saw: ``|M ∧ ¬S| / |M|`` over the non-ignored pixels.
+
+    The localization metrics score seen pixels only, so this is the part of the object they cannot
+    credit or miss (LLaVA-1.5's center crop of a 2:1 image hides the outer quarters).
+
+    Cases: ``seen=None`` (the whole image was seen) → 0; empty mask → NaN.
+
+    Args:
+        masks: ``(N, H, W)`` boolean masks.
+        seen: ``(N, H, W)`` bool, the pixels the model saw.
+        ignore: ``(N, H, W)`` pixels excluded from both counts.
+
+    Returns:
+        ``(N,)`` values in [0, 1].
+
+    """
+    masks = _as_bool(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got {tuple(masks.shape)}")
+    if ignore is not None:
+        masks = masks & ~_as_bool(ignore, "ignore")
+    unseen = torch.zeros_like(masks) if seen is None else masks & ~_as_bool(seen, "seen")
+    total = masks.flatten(1).sum(1)
+    fraction = unseen.flatten(1).sum(1).double() / total.clamp(min=1)
+    return _nan_where(total == 0, fraction)
 
 
 def mask_mse(maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:

@@ -526,3 +526,46 @@ def test_perturbation_mean_curve_and_bounds():
     close(y, ys[ok].mean(0))
     with pytest.raises(ValueError, match="PIC levels"):
         metrics.PICAUC(levels=[0.1, 1.0])
+
+
+# -- the model's view: seen pixels only, the unseen mask reported --------------------------------------
+def test_unseen_mask_fraction_hand_cases():
+    masks = t([[T, T, F_], [T, F_, F_]], torch.bool)
+    seen = t([[F_, T, T], [T, T, T]], torch.bool)
+    close(MF.unseen_mask_fraction(masks, seen), [1 / 3])
+    close(MF.unseen_mask_fraction(masks, seen, ignore=t([[F_, F_, F_], [T, F_, F_]], torch.bool)), [1 / 2])
+    close(MF.unseen_mask_fraction(masks, None), [0.0])
+    assert MF.unseen_mask_fraction(torch.zeros(1, 2, 3, dtype=torch.bool), seen).isnan().all()
+
+
+@pytest.mark.parametrize(
+    "cls", [metrics.EnergyPointingGame, metrics.BestThresholdIoU, metrics.SoftIoU, metrics.MaskSNR, metrics.MaskMSE]
+)
+def test_localization_classes_score_seen_pixels_only(cls):
+    """``seen`` acts as ``ignore`` of the unseen pixels, on top of the dataset's own ignore mask."""
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 6, 8, dtype=torch.float64, generator=gen)
+    masks = torch.rand(4, 6, 8, generator=gen) > 0.6
+    ignore = torch.rand(4, 6, 8, generator=gen) > 0.8
+    seen = torch.zeros(4, 6, 8, dtype=torch.bool)
+    seen[:, :, 2:6] = True
+    maps = maps * seen  # placed maps are zero where the model saw nothing
+    with_seen, with_ignore, everything = cls(), cls(), cls()
+    with_seen.update(maps, masks, ignore, seen=seen)
+    with_ignore.update(maps, masks, ignore | ~seen)
+    everything.update(maps, masks, ignore)
+    close(with_seen.per_sample(), with_ignore.per_sample())
+    same = torch.allclose(with_seen.per_sample(), everything.per_sample(), equal_nan=True)
+    assert same == (cls is metrics.EnergyPointingGame)  # EPG: a zero map outside adds no energy anyway
+
+
+def test_unseen_mask_fraction_metric_ignores_the_maps():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :, :2] = True
+    masks[1, 1:3, 1:3] = True
+    seen = torch.zeros(2, 4, 4, dtype=torch.bool)
+    seen[:, :, 1:] = True
+    metric = metrics.UnseenMaskFraction()
+    metric.update(torch.rand(2, 4, 4), masks, seen=seen)
+    close(metric.per_sample(), [0.5, 0.0])
+    assert metric.input_kind == "localization" and metric.reports_unseen_mask
