@@ -96,10 +96,31 @@ def load_rgb(source: str | Path | bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (``.ipynb_checkpoints``, ``._x.JPEG``): never dataset content."""
+    return name.startswith(".")
+
+
 def image_files(folder: str | Path) -> list[os.DirEntry]:
-    """Image files directly in ``folder`` (``.jpeg``/``.jpg``/``.png``, any case), unsorted."""
+    """Image files directly in ``folder`` (``.jpeg``/``.jpg``/``.png``, any case, not hidden), unsorted."""
     with os.scandir(folder) as entries:
-        return [e for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+        return [
+            e
+            for e in entries
+            if not is_hidden(e.name) and e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+        ]
+
+
+def subfolders(folder: str | Path) -> list[str]:
+    """Names of the folders directly in ``folder``, sorted, hidden ones (``.ipynb_checkpoints``) left out."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+
+
+def name_some(names: Sequence[str], limit: int = 3) -> str:
+    """``a, b, c`` or ``a, b, c and 4 more``: names for a one-line message."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def seeded_subset(size: int, num_samples: int | None, seed: int) -> list[int]:

@@ -81,7 +81,7 @@ def index_vqav2(
     layouts = vqav2_layouts(split)
     if not root.is_dir():
         raise layout_error("VQAv2", f"dataset root {root} does not exist", layouts)
-    if is_hf_root(root):
+    if is_hf_root(root, split):
         return _index_hf(root, split, num_samples, seed, cache_dir, layouts)
     year = f"{split}2014"
     q_name, a_name = f"v2_OpenEnded_mscoco_{year}_questions.json", f"v2_mscoco_{year}_annotations.json"
