@@ -38,10 +38,12 @@ class DatasetLayoutError(FileNotFoundError):
 
 
 def layout_error(dataset: str, problem: str, layouts: Sequence[str]) -> DatasetLayoutError:
-    """One error message: what is wrong (with the path) and every layout that is understood."""
-    lines = [f"{dataset}: {problem}.", "Layouts understood (--data.root = ROOT):"]
-    lines += [f"  - {layout}" for layout in layouts]
-    return DatasetLayoutError("\n".join(lines))
+    """A two-line error: what is wrong (with the path), then every layout that is understood.
+
+    Two lines, so that ``train_eval.py`` prints the whole error in at most three (README "Datasets" has the
+    long form of each layout).
+    """
+    return DatasetLayoutError(f"{dataset}: {problem}.\nLayouts understood (--data.root ROOT): " + " | ".join(layouts))
 
 
 @dataclass(frozen=True)

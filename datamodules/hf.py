@@ -11,11 +11,7 @@ from typing import Any
 
 from datamodules.common import split_aliases, subfolders
 
-HF_LAYOUT = (
-    "Hugging Face datasets: ROOT is a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory, "
-    "or holds *.parquet files of the split in ROOT, ROOT/<dir> or ROOT/<dir>/<split> "
-    "(e.g. ROOT/data/validation-00000-of-00014.parquet), with the hub's columns: {columns}"
-)
+HF_LAYOUT = "Hugging Face save_to_disk directory or *.parquet in ROOT, ROOT/<dir> or ROOT/<dir>/<split> ({columns})"
 
 
 def is_saved_dataset(root: Path) -> bool:

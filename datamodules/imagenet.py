@@ -97,10 +97,9 @@ def wnid_to_index() -> dict[str, int]:
 def imagenet_layouts(split: str) -> list[str]:
     """Human-readable descriptions of the understood ImageNet layouts (for error messages)."""
     return [
-        f"class folders: ROOT/{split}/<wnid>/*.JPEG (also ROOT/ILSVRC/Data/CLS-LOC/{split}/<wnid>/*.JPEG)",
-        f"flat: ROOT/{split}/*.JPEG with ROOT/LOC_{split}_solution.csv (columns ImageId,PredictionString; "
-        f"also ROOT/ILSVRC/Data/CLS-LOC/{split}/*.JPEG, the Kaggle layout)",
-        HF_LAYOUT.format(columns="image {bytes, path}, label (int, sorted-wnid order)"),
+        f"ROOT/{split}/<wnid>/*.JPEG",
+        f"ROOT/{split}/*.JPEG + ROOT/LOC_{split}_solution.csv (Kaggle: images in ROOT/ILSVRC/Data/CLS-LOC/{split}/)",
+        HF_LAYOUT.format(columns="columns image, label"),
     ]
 
 

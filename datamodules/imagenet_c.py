@@ -32,7 +32,6 @@ from datamodules.imagenet import (
     CLASSIFY_PROMPT,
     ImageNetIndex,
     imagenet_answer,
-    imagenet_layouts,
     imagenet_sample,
     index_imagenet,
     wnid_to_index,
@@ -47,8 +46,8 @@ MODES = ("auto", "released", "generate")
 def imagenet_c_layouts(split: str) -> list[str]:
     """Human-readable descriptions of the understood ImageNet-C layouts (for error messages)."""
     return [
-        "released: ROOT/<corruption>/<severity>/<wnid>/*.JPEG (e.g. ROOT/fog/5/n01440764/ILSVRC2012_val_00000293.JPEG)",
-        *(f"generate (from ImageNet val) — {layout}" for layout in imagenet_layouts(split)),
+        "released ROOT/<corruption>/<severity>/<wnid>/*.JPEG (e.g. ROOT/fog/5/n01440764/*.JPEG)",
+        f"mode generate: an ImageNet root ({split}/<wnid>/, {split}/ + LOC_{split}_solution.csv, or Hugging Face)",
     ]
 
 
