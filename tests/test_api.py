@@ -123,6 +123,17 @@ def test_cli_explains_and_reports_errors(tiny_checkpoint, tmp_path, capsys):
     code = cli_main(["explain", str(image), "--model", str(tmp_path / "nope"), "--prompt", "x"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("dexar: error: cannot load model") and "\n" not in err
+    # a method option the method does not take: refused before any model is loaded (the model path is bad too)
+    args = ["explain", str(image), "--model", str(tmp_path / "nope"), "--prompt", "x", "--method", "attention"]
+    assert cli_main([*args, "--head-filter", "max"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dexar: error: method 'attention' does not take ['head_filter']") and "\n" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["explain", str(image), "--model", tiny_checkpoint, "--prompt", "x", "--answer", "i see"]
+    assert cli_main([*args, "--out", str(blocker / "out")]) == 2  # an output directory that cannot be made
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar
+    assert err.startswith(f"dexar: error: cannot write {blocker / 'out'}")
 
 
 def test_overlay_leaves_low_values_transparent_and_wraps_its_caption():
