@@ -172,13 +172,28 @@ def _marker(draw: ImageDraw.ImageDraw, p: tuple[float, float], i: int, color: tu
         draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=color)
 
 
+_NPPL = "normalized perplexity PPL(x_p) / PPL(x)"
 CURVES = {
-    "pos_auc": ("positive perturbation (most relevant pixels removed first)", "fraction of pixels removed"),
-    "neg_auc": ("negative perturbation (least relevant pixels removed first)", "fraction of pixels removed"),
-    "insertion": ("insertion (most relevant pixels revealed first)", "fraction of pixels revealed"),
-    "deletion": ("deletion (most relevant pixels deleted first)", "fraction of pixels deleted"),
+    "pos": ("positive perturbation (most relevant pixels removed first)", "fraction of pixels removed", _NPPL),
+    "neg": ("negative perturbation (least relevant pixels removed first)", "fraction of pixels removed", _NPPL),
+    "insertion": (
+        "insertion (most relevant pixels revealed first)",
+        "fraction of pixels revealed",
+        "normalized perplexity",
+    ),
+    "deletion": (
+        "deletion (most relevant pixels deleted first)",
+        "fraction of pixels deleted",
+        "normalized perplexity",
+    ),
+    "pic": (
+        "PIC (pixels revealed from the mean image)",
+        "normalized file size (lossless WebP)",
+        "normalized perplexity gain",
+    ),
 }
-"""Curve metric → (what the curve shows, x-axis label); PIC and unknown curve metrics fall back to their names."""
+"""Curve metric name without ``_auc`` (``pos_auc``, ``pic``, ``insertion_auc``, ...) → (what the curve shows,
+x-axis label, y-axis label); other curve metrics show their names."""
 
 
 def draw_curves(spec: TableSpec, runs: Sequence[Run], out: Path) -> list[Path]:
@@ -197,15 +212,8 @@ def draw_curves(spec: TableSpec, runs: Sequence[Run], out: Path) -> list[Path]:
         shared = _shared(spec, [attrs for attrs, _ in entries])
         series = {_series_label(spec, attrs, shared) or attrs["method"]: xy for attrs, xy in entries}
         context = [f"{k} {display(entries[0][0][k])}" for k in shared] + ([f"dataset {setting}"] if setting else [])
-        pic = metric.startswith("pic")
-        what, xlabel = CURVES.get(metric, (metric, "fraction of pixels"))
-        img = line_chart(
-            series,
-            f"{spec.title.split(':')[0]}: {what}",
-            "normalized file size" if pic else xlabel,
-            "normalized perplexity gain" if pic else "normalized perplexity PPL(p) / PPL(0)",
-            subtitle=", ".join(context),
-        )
+        what, xlabel, ylabel = CURVES.get(metric.removesuffix("_auc"), (metric, "level", "value"))
+        img = line_chart(series, f"{spec.title.split(':')[0]}: {what}", xlabel, ylabel, subtitle=", ".join(context))
         path = out / f"{spec.key}_curve_{_slug(metric)}_{_slug(setting)}.png"
         img.save(path)
         paths.append(path)

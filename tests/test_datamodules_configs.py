@@ -88,7 +88,7 @@ def test_readme_dataset_command_gives_finite_metrics_on_fixtures(name, tmp_path)
     args[args.index("--data.root") + 1] = str(fixture.root)
     args[args.index("--model.init_args.model") + 1] = SHAPES_CHECKPOINT
     run = tmp_path / "run"
-    args += ["--data.init_args.num_samples", "3", "--data.init_args.batch_size", "3"]
+    args += ["--data.init_args.num_samples", "2", "--data.init_args.batch_size", "2"]
     if name == "imagenet_c":  # 3 of the 6 corruptions are enough here
         args += ["--data.init_args.corruptions", "[fog, pixelate, brightness]", "--data.init_args.num_samples", "1"]
     args += ["--data.init_args.num_workers", "0", "--trainer.default_root_dir", str(run)]
