@@ -119,3 +119,28 @@ def test_wandb_offline_run_gives_the_same_table(shapes_runs, tmp_path):
     runs = collect([copy])
     assert len(runs) == 1 and runs[0].path.name.startswith("offline-run-")
     assert to_markdown(build_table(TABLES["table4"], runs)) == expected
+
+
+def test_tick_values_are_round_and_a_wide_positive_range_gets_a_log_axis():
+    from dexar.report_plots import linear_ticks, log_ticks, tick_label, wants_log_axis
+
+    ticks = linear_ticks(0.18, 55.3)
+    assert ticks == [0, 20, 40, 60] and [tick_label(t, 20) for t in ticks] == ["0", "20", "40", "60"]
+    assert [tick_label(t, 0.2) for t in linear_ticks(0.0, 0.9)] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert tick_label(0.25, 0.25) == "0.25" and tick_label(0.05, 0.05) == "0.05"
+    # NEG curves: six methods between 1 and 7, two near 62: on a log axis 1-7 fill 42% of the height, not 10%
+    curves = [1.0, 2.5, 4.0, 7.0, 61.0, 62.0]
+    assert wants_log_axis(curves) and not wants_log_axis([0.8, 1.0, 3.5]) and not wants_log_axis([0.0, 70.0])
+    assert log_ticks(1.0, 62.0) == [1, 2, 5, 10, 20, 50, 100]
+    assert log_ticks(0.5, 3.0) == [0.5, 1, 2, 5]
+
+
+def test_line_chart_draws_both_scales(tmp_path):
+    from dexar.report_plots import line_chart
+
+    levels = [i / 10 for i in range(10)]
+    series = {f"m{i}": (levels, [1 + i * p for p in levels]) for i in range(7)}
+    series["far"] = (levels, [1 + 68 * p for p in levels])
+    for log in (None, False):
+        img = line_chart(series, "Table 1: negative perturbation", "fraction of pixels removed", "NPPL", log)
+        assert img.size == (820, 490) and len(img.getcolors(100000)) > 20  # lines, markers, text
