@@ -25,7 +25,7 @@ from dexar.adapters import get_adapter
 from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.methods import DexAR, RawAttention
 from dexar.perturbation import upsample_map
-from dexar.plotting import overlay
+from dexar.plotting import blend, overlay
 from dexar.schema import Sample
 from dexar.testing import random_llava
 from dexar.testing_vlms import random_idefics3, random_llava_next, random_qwen2_vl
@@ -235,6 +235,6 @@ def test_overlays_show_the_placed_map(shapes, tmp_path):
     assert np.abs(saved[left] - zero[left]).max() <= 1
     assert np.abs(stretched[left] - zero[left]).max() > 10  # the stretch coloured it
     strip = np.asarray(Image.open(tmp_path / "tokens.png").convert("RGB")).astype(int)
-    zeros = np.asarray(overlay(sample.image.resize((128, 128), Image.BILINEAR), torch.zeros(128, 128))).astype(int)
+    zeros = np.asarray(blend(sample.image.resize((128, 128), Image.BILINEAR), torch.zeros(128, 128))).astype(int)
     assert np.abs(strip[:128, :28] - zeros[:128, :28]).max() <= 1  # first token's tile: squashed margin
     assert json.loads((tmp_path / "explanation.json").read_text())["geometry"]["seen_box"] == [0.0, 32.0, 64.0, 96.0]
