@@ -52,6 +52,11 @@ def _values(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.nda
     return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
 
 
+def colour_table() -> np.ndarray:
+    """The ``(256, 3)`` uint8 colour map: entry ``i`` colours map values that round to ``i / 255``."""
+    return _LUT.copy()
+
+
 def colorize(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> Image.Image:
     """Colour a ``(h, w)`` map in [0, 1] and resize it (bilinear) to ``size = (width, height)`` (opaque)."""
     return Image.fromarray(_LUT[np.round(_values(heatmap, size) * 255).astype(np.uint8)], mode="RGB")

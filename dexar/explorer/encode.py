@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from dexar.explorer.payload import MapLike, as_array
-from dexar.plotting import colorize
+from dexar.plotting import colour_table
 
 IMAGE_MAX_SIDE = 512
 MAP_MAX_SIDE = 128
@@ -97,5 +97,5 @@ def map_uri(values: MapLike, where: str, max_side: int = MAP_MAX_SIDE) -> str:
 
 def colormap_hex() -> str:
     """The 256-entry colour map of :mod:`dexar.plotting` (the PNG overlays') as one hex string (6 chars each)."""
-    ramp = np.asarray(colorize((np.arange(256)[None, :] + 0.5) / 255.0, (256, 1)))[0]  # +0.5: exact bins
+    ramp = colour_table()
     return "".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in ramp)
