@@ -120,6 +120,7 @@ DISPLAY = {
     "rise": "RISE",
     "iia": "IIA",
     "tam": "TAM",
+    "tam_authors": "TAM (authors' indexing)",
     "dexar": "DEX-AR",
     "llava-1.5": "LLaVA-1.5",
     "bakllava": "BakLLaVA-v1",
