@@ -12,7 +12,7 @@ import wandb
 
 from dexar.cli import main as cli_main
 from dexar.paper_numbers import PAPER
-from dexar.report import TABLES, build_table, collect, format_value, report, to_markdown
+from dexar.report import TABLES, build_table, collect, display, format_value, report, to_markdown
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,7 @@ def test_method_attrs_place_side_by_side_settings_in_their_cells(tmp_path):
     text = to_markdown(table)
     paper = PAPER["table8"][(("dexar_max",), ("fog", "on"), "filler_snr")]
     assert f"| max | {format_value(140.0)} ({paper:.2f}) | {format_value(7.5)} |" in text
+    assert display("dexar_top05_nofiller") == "top-0.05 (filler ✗)"  # gallery rows of side-by-side labels
 
 
 def test_report_of_missing_directory_is_a_one_line_error(tmp_path, capsys):
