@@ -10,7 +10,8 @@ consume with an ``input_kind`` class attribute:
   map against the mask of the object it names (``target="tokens"``). How much of a mask lies outside
   the view is a metric of its own (``metrics.UnseenMaskFraction``); without it the evaluator warns once
   per method when a mask reaches outside the view;
-* ``filler`` — ``update([token_weights], [content_mask])`` with per-token content labels;
+* ``filler`` — ``update([token_weights], [content_mask], [map_mass])`` with per-token content labels
+  (an explained end-of-sequence token counts as filler) and the mass of each token's min-max map;
 * ``perturbation:<mode>`` (mode in :data:`dexar.perturbation.MODES`) — curves of the ground-truth
   answer's perplexity over the metric's ``levels``, all modes of one sample and method scored together.
   Perturbation ranks and edits ``pixel_values``, the model's own view (e.g. LLaVA-1.5's center crop),
@@ -121,17 +122,28 @@ class Evaluator:
                 self._warn_unseen(label, [group[n] for n in loc], sample.id, masks, ignore, seen)
         fill = [n for n, k in kinds.items() if k == "filler"]
         if fill and sample.word_is_content is not None and sample.answer is not None:
-            labels = sample_token_labels(
-                sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt)
-            )
-            if labels.ids == exp.token_ids:  # filler labels exist for the ground-truth answer only
-                content = torch.tensor(labels.is_content)
+            content = self._filler_labels(sample, exp)
+            if content is not None:
+                mass = exp.token_maps.double().flatten(1).sum(1)  # Σ_pixels of each min-max map E_t
                 for name in fill:
-                    group[name].update([exp.token_weights.double()], [content])
+                    group[name].update([exp.token_weights.double()], [content], [mass])
                     self.rows[label][name].append(sample.id)
         pert = {n: k.split(":", 1)[1] for n, k in kinds.items() if k.startswith("perturbation:")}
         if pert and sample.answer is not None:
             self._perturbation(label, sample, exp, pert)
+
+    def _filler_labels(self, sample: Sample, exp: Explanation) -> torch.Tensor | None:
+        """Per-token content flags of the explained tokens, or ``None`` when they are not the ground truth.
+
+        Filler labels exist for the ground-truth answer only. An end-of-sequence token explained after
+        it (``keep_eos``; PascalVOC-QA's appendix answer ends in ``[EOS]``) is a filler token.
+        """
+        labels = sample_token_labels(sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt))
+        if exp.token_ids == labels.ids:
+            return torch.tensor(labels.is_content)
+        if exp.token_ids == [*labels.ids, self.adapter.tokenizer.eos_token_id]:
+            return torch.tensor([*labels.is_content, False])
+        return None
 
     def _localization_inputs(self, sample: Sample, exp: Explanation):
         """Placed maps, masks, ignore and seen masks ``(N, H, W)`` and row ids (``None`` maps: nothing to score)."""

@@ -7,6 +7,8 @@ every ``wandb/offline-run-*`` directory (the logged CLI config holds the experim
 history the ``<method>/<metric>`` values). Each result is placed by its attributes (``model``, ``dataset``,
 grid axes, ``method``) into the rows and column groups of its table (:data:`TABLES`); a cell shows
 ``ours (paper)`` where the paper reports the same setting, and only ours elsewhere (e.g. on Shapes).
+``experiment.attrs.method_attrs`` (``{label: {attribute: value}}``) overrides attributes per method label,
+so settings run side by side in one run can fill different cells (e.g. table 8's filler on/off columns).
 
 Outputs: ``report.md`` (all tables), ``<table>.csv`` (same layout, raw keys), and PNGs of the mean
 perturbation curves and an overlay gallery (see :mod:`dexar.report_plots`).
@@ -72,10 +74,10 @@ TABLES: dict[str, TableSpec] = {
         ),
         TableSpec(
             "table4",
-            "Table 4: head × filler-word filtering (filler SNR, mask MSE, EPG %)",
+            "Table 4: head × filler-word filtering (filler SNR in dB, mask MSE, EPG %)",
             ("head", "filler"),
             ("model",),
-            (("filler_snr", "SNR ↑", 1.0), ("mse", "MSE ↓", 1.0), ("epg", "EPG ↑", 100.0)),
+            (("filler_snr", "SNR dB ↑", 1.0), ("mse", "MSE ↓", 1.0), ("epg", "EPG ↑", 100.0)),
         ),
         TableSpec(
             "table5",
@@ -100,10 +102,10 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("table7", "Table 7: TAM vs DEX-AR (perturbation AUC)", ("model", "method"), (), _PERT),
         TableSpec(
             "table8",
-            "Table 8: filler SNR on ImageNet-C (severity 5)",
+            "Table 8: filler SNR (dB) by head filter; columns: corruption (ImageNet-C severity 5), filler filter ✓/✗",
             ("method",),
-            ("corruption",),
-            (("filler_snr", "SNR ↑", 1.0),),
+            ("corruption", "filler"),
+            (("filler_snr", "SNR dB ↑", 1.0),),
         ),
     )
 }
@@ -118,6 +120,7 @@ DISPLAY = {
     "rise": "RISE",
     "iia": "IIA",
     "tam": "TAM",
+    "tam_authors": "TAM (authors' indexing)",
     "dexar": "DEX-AR",
     "llava-1.5": "LLaVA-1.5",
     "bakllava": "BakLLaVA-v1",
@@ -134,9 +137,14 @@ DISPLAY = {
 
 
 def display(value: str) -> str:
-    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``)."""
+    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``).
+
+    A ``_nofiller`` suffix (the filler filter off) reads ``(filler ✗)``.
+    """
     if value in DISPLAY:
         return DISPLAY[value]
+    if value.endswith("_nofiller"):
+        return f"{display(value.removesuffix('_nofiller'))} (filler ✗)"
     if value.startswith("dexar_top") and value[9:].isdigit():
         return f"top-{int(value[9:]) / 100:g}"
     if value.startswith("dexar_"):
@@ -156,6 +164,7 @@ class Run:
         curves: Method label → curve metric → ``{"levels", "y"[, "x"]}``.
         seconds_per_image: Timing phases (``trace``, ``generation``, ``method/<label>``, ...).
         mtime: Modification time of the results (newest wins when two runs fill one cell).
+        method_attrs: Method label → attributes replacing ``attrs`` (and ``method``) for its results.
     """
 
     path: Path
@@ -165,6 +174,7 @@ class Run:
     curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     seconds_per_image: dict[str, float] = field(default_factory=dict)
     mtime: float = 0.0
+    method_attrs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def values(self) -> Iterable[tuple[str, str, float]]:
         """``(method label, metric, value)`` of every result, plus ``sec_per_img`` per method if timed."""
@@ -177,9 +187,14 @@ class Run:
 
 
 def _attrs(record: dict[str, Any]) -> dict[str, str]:
-    out = {str(k): _label(v) for k, v in (record.get("attrs") or {}).items()}
+    out = {str(k): _label(v) for k, v in (record.get("attrs") or {}).items() if k != "method_attrs"}
     out.update({str(k): str(v) for k, v in (record.get("variant") or {}).items()})
     return out
+
+
+def _method_attrs(record: dict[str, Any]) -> dict[str, dict[str, str]]:
+    given = (record.get("attrs") or {}).get("method_attrs") or {}
+    return {str(label): {str(k): _label(v) for k, v in attrs.items()} for label, attrs in given.items()}
 
 
 def _label(value: Any) -> str:
@@ -204,6 +219,7 @@ def read_results_dir(path: Path) -> Run:
         curves=payload.get("curves", {}),
         seconds_per_image=timing.get("seconds_per_image", {}),
         mtime=(path / "results.json").stat().st_mtime,
+        method_attrs=_method_attrs(variant),
     )
 
 
@@ -234,6 +250,7 @@ def read_wandb_dir(path: Path) -> Run:
         results=results,
         seconds_per_image=timing,
         mtime=path.stat().st_mtime,
+        method_attrs=_method_attrs(experiment),
     )
 
 
@@ -280,7 +297,7 @@ def build_table(spec: TableSpec, runs: Sequence[Run]) -> Table:
         for label, metric, value in run.values():
             if metric not in scale:
                 continue
-            attrs = {**run.attrs, "method": label}
+            attrs = {**run.attrs, "method": label, **run.method_attrs.get(label, {})}
             if not all(k in attrs for k in spec.rows + spec.groups):
                 continue
             row = tuple(attrs[k] for k in spec.rows)

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_SNR_EPS = 1e-3
+DEFAULT_FILLER_EPS = float(torch.finfo(torch.float64).eps)  # see filler_snr
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -299,42 +300,88 @@ def _pad_tokens(
     return padded_w, padded_c, keep
 
 
+def _token_shares(
+    token_weights: torch.Tensor | Sequence[torch.Tensor], map_mass: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor | list[torch.Tensor]:
+    """``λ_t · mass(E_t)`` per token, in float64, in the layout of ``token_weights``."""
+    if isinstance(token_weights, torch.Tensor):
+        if not isinstance(map_mass, torch.Tensor) or map_mass.shape != token_weights.shape:
+            shape = tuple(map_mass.shape) if isinstance(map_mass, torch.Tensor) else "a list"
+            raise ValueError(f"map_mass {shape} must match token_weights {tuple(token_weights.shape)}")
+        return token_weights.double() * map_mass.double()
+    weights, masses = list(token_weights), list(map_mass)
+    if len(weights) != len(masses):
+        raise ValueError(f"{len(weights)} token_weights but {len(masses)} map masses")
+    for w, m in zip(weights, masses, strict=True):
+        if m.shape != w.shape:
+            raise ValueError(f"each sample needs one map mass per token weight, got {tuple(m.shape)}, {tuple(w.shape)}")
+    return [w.double() * m.double() for w, m in zip(weights, masses, strict=True)]
+
+
 def filler_snr(
     token_weights: torch.Tensor | Sequence[torch.Tensor],
     content_mask: torch.Tensor | Sequence[torch.Tensor],
+    map_mass: torch.Tensor | Sequence[torch.Tensor],
     valid: torch.Tensor | None = None,
-    eps: float = DEFAULT_SNR_EPS,
+    eps: float = DEFAULT_FILLER_EPS,
+    decibels: bool = True,
 ) -> torch.Tensor:
-    """Filler signal-to-noise ratio: mean λ over content tokens over mean λ over filler tokens.
+    """Filler signal-to-noise ratio (paper section 4.4, table 4; appendix L, table 8), per sample.
 
-    ``SNR = mean_content(λ') / max(mean_filler(λ'), eps)`` with ``λ' = λ / max λ`` per sample (the ratio
-    is scale-invariant; the peak only makes ``eps`` relative). Filler weights that are all zero (a
-    perfect filter) score ``mean_content(λ') / eps``, at most ``1 / eps`` (1000 by default).
+    Each token's share of the sequence map as it enters eq. 6, ``E = MinMax(Σ_t λ_t E_t)``, is
+    ``s_t = λ_t · Σ_pixels E_t`` with ``E_t`` the token's *min-max normalised* map (``map_mass``). After
+    the min-max, not before: eq. 6 sums the normalised maps, so the raw gradient scale of a token never
+    reaches the sequence map; ``s_t`` is exactly what the token adds to it. With the filler filter off
+    (``λ_t = 1``) the SNR is the ratio of the normalised maps' masses, which depends on the head filter
+    and is not 1 in general: the paper reports 9.16 and 16.84 with the filler filter off (table 4).
 
-    Cases: no content token or no filler token (mean over an empty set) → NaN; all weights zero (0/0)
-    → NaN; equal weights (no filtering) → 1.
+    ``SNR = 10 · log10(max(mean_content(s'), eps) / max(mean_filler(s'), eps))`` in decibels, with
+    ``s' = s / max_t s`` (the ratio is scale-invariant; the peak only makes ``eps`` relative);
+    ``decibels=False`` gives the plain ratio of the floored means.
+
+    Why decibels (the reading that reproduces the paper's tables): table 8 prints negative SNRs
+    (top-p rows, e.g. −16.82, −15.02), which no ratio of non-negative shares gives, while a logarithm
+    gives them whenever filler tokens outweigh content ones; one metric, one reading for both tables.
+    In dB, table 8's max + filler-filter row (62.72–153.53) brackets table 4's max + filler-filter
+    cell (96.12), and its avg row (1.48–9.44) and last top-p row (−3.76–2.33) sit near table 4's
+    unfiltered 9.16; keeping table 4 as plain ratios would put its 96.12 four to thirteen orders of
+    magnitude below table 8's ratios for the same setting (10^6.3–10^15.4). Table 4's cells are then
+    ratios of 8.2, 48, 8.5·10^8 and 4.1·10^9: the filler filter's ReLU sends most filler λ_t to
+    exactly 0, and samples whose filler shares are all 0 score at the floor and lift the filtered
+    means, as in table 8. The floor: a sample
+    reaching 153.53 dB needs ``eps ≤ 10^-15.35 ≈ 4.5e-16`` of the peak share; the default, float64's
+    machine epsilon 2.2e-16, caps a perfect filter at 156.5 dB, consistent with the paper's largest
+    value (the paper does not state its floor). Samples are averaged in dB (mean of per-sample values).
+
+    Cases: no content token or no filler token (mean over an empty set) → NaN; all shares zero (0/0)
+    → NaN; equal shares → 0 dB (ratio 1); filler shares all zero → ``10·log10(mean_content(s') / eps)``;
+    content shares all zero → ``10·log10(eps / mean_filler(s'))``.
 
     Args:
         token_weights: A list of ``(T_i,)`` λ per sample, or padded ``(N, T)``.
         content_mask: Matching ``(T_i,)`` / ``(N, T)`` bool: True for content tokens, False for filler.
+        map_mass: Matching ``(T_i,)`` / ``(N, T)`` mass ``Σ_pixels E_t`` of each token's min-max map.
         valid: ``(N, T)`` bool of real (non-padding) tokens, for padded inputs only.
-        eps: Floor of the filler mean, relative to the peak weight.
+        eps: Floor of both means, relative to the peak share.
+        decibels: Return ``10·log10`` of the ratio (default, the paper's scale) or the ratio itself.
 
     Returns:
-        ``(N,)`` non-negative values.
+        ``(N,)`` values (dB: any sign; ratio: non-negative).
 
     """
-    weights, content, keep = _pad_tokens(token_weights, content_mask, valid)
-    if not torch.isfinite(weights[keep]).all() or (weights[keep] < 0).any():
-        raise ValueError("token weights must be finite and non-negative")
-    w = torch.where(keep, weights.to(_work_dtype(weights)), 0.0)
+    shares, content, keep = _pad_tokens(_token_shares(token_weights, map_mass), content_mask, valid)
+    if not torch.isfinite(shares[keep]).all() or (shares[keep] < 0).any():
+        raise ValueError("token weights and map masses must be finite and non-negative")
+    s = torch.where(keep, shares.double(), 0.0)
     is_content, is_filler = content & keep, ~content & keep
     n_content, n_filler = is_content.sum(1), is_filler.sum(1)
-    peak = w.amax(1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1, dtype=w.dtype)
-    w = w / torch.where(peak > 0, peak, 1.0)
-    mean_content = (w * is_content).sum(1) / n_content.clamp(min=1)
-    mean_filler = (w * is_filler).sum(1) / n_filler.clamp(min=1)
-    snr = mean_content / mean_filler.clamp(min=eps)
+    peak = s.amax(1, keepdim=True) if s.shape[1] else torch.zeros(s.shape[0], 1, dtype=s.dtype)
+    s = s / torch.where(peak > 0, peak, 1.0)
+    mean_content = ((s * is_content).sum(1) / n_content.clamp(min=1)).clamp(min=eps)
+    mean_filler = ((s * is_filler).sum(1) / n_filler.clamp(min=1)).clamp(min=eps)
+    snr = mean_content / mean_filler
+    if decibels:
+        snr = 10 * torch.log10(snr)
     return _nan_where((n_content == 0) | (n_filler == 0) | (peak[:, 0] <= 0), snr)
 
 

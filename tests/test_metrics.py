@@ -76,13 +76,15 @@ def ref_mse(e, m, v):
     return sum((a - b) ** 2 for a, b in zip(en, inm, strict=True)) / vals.size
 
 
-def ref_filler(w, c, eps=1e-3):
-    content = [float(x) for x, cc in zip(w, c, strict=True) if cc]
-    filler = [float(x) for x, cc in zip(w, c, strict=True) if not cc]
-    if not content or not filler or max(content + filler) == 0:
+def ref_filler(w, mass, c, eps=MF.DEFAULT_FILLER_EPS, decibels=True):
+    shares = [float(x) * float(m) for x, m in zip(w, mass, strict=True)]
+    content = [s for s, cc in zip(shares, c, strict=True) if cc]
+    filler = [s for s, cc in zip(shares, c, strict=True) if not cc]
+    if not content or not filler or max(shares) == 0:
         return math.nan
-    peak = max(content + filler)
-    return (sum(content) / len(content) / peak) / max(sum(filler) / len(filler) / peak, eps)
+    peak = max(shares)
+    ratio = max(sum(content) / len(content) / peak, eps) / max(sum(filler) / len(filler) / peak, eps)
+    return 10 * math.log10(ratio) if decibels else ratio
 
 
 def ref_trapz(y, x):
@@ -159,15 +161,21 @@ def test_filler_snr_matches_loop_reference_lists_and_padded():
     weights[3] = weights[3] * (torch.arange(3) != 0)  # some exact zeros
     contents = [torch.rand(t, generator=g) < 0.5 for t in lengths]
     contents[4] = torch.tensor([True, False, True, False, False, True])
-    expected = f64([ref_filler(w.tolist(), c.tolist()) for w, c in zip(weights, contents, strict=True)])
-    close(MF.filler_snr(weights, contents), expected)
+    masses = [torch.rand(t, generator=g, dtype=torch.float64) * 16 for t in lengths]
+    masses[0][0] = 0.0  # an empty token map
+    for decibels in (True, False):
+        rows = zip(weights, masses, contents, strict=True)
+        expected = f64([ref_filler(w.tolist(), m.tolist(), c.tolist(), decibels=decibels) for w, m, c in rows])
+        close(MF.filler_snr(weights, contents, masses, decibels=decibels), expected)
     padded_w = torch.zeros(len(lengths), 8, dtype=torch.float64)
+    padded_m = torch.zeros(len(lengths), 8, dtype=torch.float64)
     padded_c = torch.zeros(len(lengths), 8, dtype=torch.bool)
     valid = torch.zeros(len(lengths), 8, dtype=torch.bool)
-    for i, (w, c) in enumerate(zip(weights, contents, strict=True)):
-        padded_w[i, 8 - len(w) :], padded_c[i, 8 - len(w) :], valid[i, 8 - len(w) :] = w, c, True
-    padded_w[~valid] = 7.0  # padding must not matter
-    close(MF.filler_snr(padded_w, padded_c, valid), expected)
+    for i, (w, m, c) in enumerate(zip(weights, masses, contents, strict=True)):
+        padded_w[i, 8 - len(w) :], padded_m[i, 8 - len(w) :], padded_c[i, 8 - len(w) :] = w, m, c
+        valid[i, 8 - len(w) :] = True
+    padded_w[~valid], padded_m[~valid] = 7.0, 3.0  # padding must not matter
+    close(MF.filler_snr(padded_w, padded_c, padded_m, valid, decibels=False), expected)  # the last: ratios
 
 
 def test_curve_aucs_match_loop_reference():
@@ -226,8 +234,19 @@ def test_hand_cases_localization():
 
 
 def test_hand_cases_tokens_and_curves():
-    close(MF.filler_snr([torch.tensor([0.2, 0.8, 0.6, 0.2])], [torch.tensor([F_, T, T, F_])]), [3.5])
-    close(MF.filler_snr([torch.tensor([0.0, 2.0, 1.0])], [torch.tensor([F_, T, T])]), [0.75 / 1e-3], tol=1e-6)
+    # shares λ·mass = [1, 3, 2, 0] → relative [1/3, 1, 2/3, 0]: content 5/6 over filler 1/6 = 5 = 6.9897 dB
+    lam, mass = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([2.0, 3.0, 1.0, 4.0])
+    content = torch.tensor([F_, T, T, F_])
+    close(MF.filler_snr([lam], [content], [mass]), [6.989700043360188])
+    close(MF.filler_snr([lam], [content], [mass], decibels=False), [5.0])
+    # λ = 1 (filler filter off): the shares are the maps' masses, content 2.5 over filler 1 → 3.9794 dB, not 0
+    ones = torch.ones(4)
+    close(MF.filler_snr([ones], [content], [torch.tensor([1.0, 2.0, 3.0, 1.0])]), [3.979400086720376])
+    close(MF.filler_snr([ones], [content], [torch.ones(4)]), [0.0])  # equal shares: 0 dB
+    # filler shares all zero: the floor, 10·log10(0.75 / 2.2e-16) = 155.3 dB
+    filler_zero = MF.filler_snr([torch.tensor([0.0, 2.0, 1.0])], [torch.tensor([F_, T, T])], [torch.ones(3)])
+    close(filler_zero, [10 * math.log10(0.75 / torch.finfo(torch.float64).eps)])
+    close(MF.filler_snr([torch.tensor([2.0, 0.0])], [torch.tensor([F_, T])], [torch.ones(2)], eps=1e-3), [-30.0])
     close(MF.perturbation_auc(torch.tensor([1.0, 2.0, 3.0]), [0.0, 0.5, 1.0]), [2.0])
     close(MF.perturbation_auc(torch.ones(1, 10), [i / 10 for i in range(10)]), [0.9])
     close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [2.0])
@@ -278,7 +297,12 @@ def test_degenerate_token_and_curve_inputs():
     w = [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]), torch.zeros(3), torch.ones(4), torch.tensor([])]
     c = [torch.tensor([T, T]), torch.tensor([F_, F_]), torch.tensor([T, F_, F_]), torch.tensor([T, F_, T, F_])]
     c.append(torch.tensor([], dtype=torch.bool))
-    close(MF.filler_snr(w, c), [math.nan, math.nan, math.nan, 1.0, math.nan])
+    close(MF.filler_snr(w, c, [torch.ones_like(x) for x in w]), [math.nan, math.nan, math.nan, 0.0, math.nan])
+    close(MF.filler_snr(w, c, [torch.zeros_like(x) for x in w]), [math.nan] * 5)  # every map empty: 0/0
+    with pytest.raises(ValueError, match="map mass"):
+        MF.filler_snr(w, c, [torch.ones(1)] * 5)
+    with pytest.raises(ValueError, match="non-negative"):
+        MF.filler_snr([torch.ones(2)], [torch.tensor([T, F_])], [-torch.ones(2)])
     close(MF.perturbation_auc(torch.tensor([[1.0, math.nan, 2.0], [1.0, 1.0, 1.0]]), [0, 0.5, 1]), [math.nan, 1.0])
     close(MF.deletion_auc(torch.tensor([[0.0, 1.0, 2.0]]), [0, 0.5, 1]), [math.nan])  # zero reference
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -362,7 +386,8 @@ def filler_batches(seed):
     for lengths in ([3, 5], [1, 4, 2], [6]):
         w = [torch.rand(n, generator=g, dtype=torch.float64) for n in lengths]
         c = [torch.arange(n) % 2 == 0 for n in lengths]
-        out.append((w, c))
+        m = [torch.rand(n, generator=g, dtype=torch.float64) * 9 for n in lengths]
+        out.append((w, c, m))
     return out
 
 
@@ -427,7 +452,7 @@ def test_class_equals_functional_over_several_updates(name):
     values = functional_values(name, batches)
     metric = feed(cls(**kwargs()), batches)
     assert metric.full_state_update is False and metric.higher_is_better is not None
-    assert metric.plot_lower_bound == 0.0
+    assert metric.plot_lower_bound == (None if name == "FillerSNR" else 0.0)  # decibels take either sign
     close(metric.compute(), expected_mean(values))
     close(metric.per_sample(), values)
     assert int(metric.skipped) == metric.num_skipped == int(values.isnan().sum())

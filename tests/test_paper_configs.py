@@ -50,6 +50,7 @@ def test_paper_config_loads_without_the_model(path):
     assert {m for m, _, _ in spec.metrics} - {"sec_per_img"} <= configured
     assert all(metric.input_kind for group in module.metric_sets.values() for metric in group.values())
     assert set(spec.rows + spec.groups) - {"method"} <= set(experiment.get("attrs", {})) | set(experiment["grid"])
+    assert set(experiment.get("attrs", {}).get("method_attrs", {})) <= set(module.metric_sets)  # labels exist
     logger = cli.config.trainer.logger
     assert logger.class_path.endswith("WandbLogger")
     assert logger.init_args.group and experiment["table"] in logger.init_args.tags

@@ -12,7 +12,7 @@ import wandb
 
 from dexar.cli import main as cli_main
 from dexar.paper_numbers import PAPER
-from dexar.report import TABLES, build_table, collect, format_value, report, to_markdown
+from dexar.report import TABLES, build_table, collect, display, format_value, report, to_markdown
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,23 @@ def test_variants_fill_rows_and_column_groups(tmp_path):
     assert float(max_row["llava-1.5 snr (paper)"]) == PAPER["table3"][(("max",), ("llava-1.5",), "snr")]
 
 
+def test_method_attrs_place_side_by_side_settings_in_their_cells(tmp_path):
+    """Table 8 layout: one run, labels with the filler filter off land in the same row, another column."""
+    attrs = {"dataset": "imagenet_c", "model": "llava-1.5", "corruption": "fog", "filler": "on"}
+    attrs["method_attrs"] = {"dexar_max_nofiller": {"method": "dexar_max", "filler": "off"}}
+    results = {"dexar_max": {"filler_snr": 140.0}, "dexar_max_nofiller": {"filler_snr": 7.5}}
+    results["dexar_avg"] = {"filler_snr": 9.0}
+    _fake_run(tmp_path / "run", "table8", attrs, results)
+    table = build_table(TABLES["table8"], collect([tmp_path]))
+    assert table.rows == [("dexar_max",), ("dexar_avg",)]  # paper order
+    assert table.cells[(("dexar_max",), ("fog", "on"), "filler_snr")] == 140.0
+    assert table.cells[(("dexar_max",), ("fog", "off"), "filler_snr")] == 7.5
+    text = to_markdown(table)
+    paper = PAPER["table8"][(("dexar_max",), ("fog", "on"), "filler_snr")]
+    assert f"| max | {format_value(140.0)} ({paper:.2f}) | {format_value(7.5)} |" in text
+    assert display("dexar_top05_nofiller") == "top-0.05 (filler ✗)"  # gallery rows of side-by-side labels
+
+
 def test_report_of_missing_directory_is_a_one_line_error(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "no such run directory" in capsys.readouterr().err
@@ -69,7 +86,7 @@ def test_report_of_missing_directory_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def shapes_runs(tmp_path_factory):
-    """Shapes tables 1-5 through the real CLI (one variant each, 2 samples); table 4 also logs to W&B."""
+    """Shapes tables 1-5 and 8 through the real CLI (one variant each, 2 samples); table 4 also logs to W&B."""
     root = tmp_path_factory.mktemp("paper-shapes")
     runs = {
         "table1_perturbation": [["--model.init_args.methods", "{dexar: {}}"]],
@@ -77,6 +94,7 @@ def shapes_runs(tmp_path_factory):
         "table3_head_filter": [["--variant.head_filter", "avg"]],
         "table4_filtering": [["--variant.head", "on", "--variant.filler", "off"]],
         "table5_relu_layers": [["--variant.relu", "false", "--variant.layers", "last"]],
+        "table8_head_filters": [[]],
     }
     for name, variants in runs.items():
         for variant in variants:
@@ -96,7 +114,7 @@ def test_shapes_tables_end_to_end(shapes_runs, tmp_path):
     out = tmp_path / "report"
     assert cli_main(["report", str(shapes_runs), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    for key in ("table1", "table2", "table3", "table4", "table5"):
+    for key in ("table1", "table2", "table3", "table4", "table5", "table8"):
         assert TABLES[key].title in text and (out / f"{key}.csv").is_file()
     for run in collect([shapes_runs]):
         spec = TABLES[run.table]
@@ -104,9 +122,12 @@ def test_shapes_tables_end_to_end(shapes_runs, tmp_path):
         for label, metric, value in run.values():
             if metric in scale:
                 assert format_value(value * scale[metric]) in text, (run.path, label, metric)
-    for key in ("table1", "table2", "table3", "table4", "table5"):
+    for key in ("table1", "table2", "table3", "table4", "table5", "table8"):
         table = build_table(TABLES[key], collect([shapes_runs]))
         assert table.cells and not set(table.cells) & set(table.paper)  # the paper has no Shapes numbers
+    table8 = build_table(TABLES["table8"], collect([shapes_runs]))
+    assert table8.groups == [("clean", "on"), ("clean", "off")] and len(table8.rows) == 7
+    assert len(table8.cells) == 14  # each head filter, filler filter on and off, side by side from one run
     assert len(list(out.glob("table1_curve_pos_auc_*.png"))) == 1
     assert (out / "table2_gallery.png").is_file()
 
