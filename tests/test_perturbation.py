@@ -24,6 +24,8 @@ from dexar.perturbation import (
     perturbation_curve,
     perturbation_curves,
     pixel_order,
+    quantize_map,
+    rank_pixels,
     replacement_value,
     to_uint8,
     upsample_map,
@@ -32,9 +34,16 @@ from dexar.perturbation import (
 from metrics import functional as MF
 
 
+def reference_levels(heatmap, levels=256):
+    """The map's quantization levels, the slow way: min-max, × (levels − 1), round half to even."""
+    flat = [float(v) for v in heatmap.reshape(-1).tolist()]
+    lo, hi = min(flat), max(flat)
+    return [0 if hi == lo else round((v - lo) / (hi - lo) * (levels - 1)) for v in flat]
+
+
 def reference_order(heatmap):
-    """Pixel indices by (−value, index): the stable descending order, written the slow way."""
-    flat = heatmap.reshape(-1).tolist()
+    """Pixel indices by (−level, index): the stable descending order of the quantized map, the slow way."""
+    flat = reference_levels(heatmap)
     return sorted(range(len(flat)), key=lambda i: (-flat[i], i))
 
 
@@ -106,12 +115,40 @@ def test_insertion_and_pic_reveal_the_top_pixels(pixels):
     assert torch.equal(pic[1], torch.where(revealed, pixels, obscured))
 
 
-def test_maps_are_upsampled_bilinearly_before_ranking(pixels):
+def test_maps_are_quantized_then_upsampled_bilinearly_before_ranking(pixels):
     g = torch.Generator().manual_seed(4)
     small = torch.rand(3, 5, generator=g)
-    up = F.interpolate(small[None, None], size=(12, 10), mode="bilinear", align_corners=False)[0, 0]
-    assert torch.equal(upsample_map(small, (12, 10)), up)
-    assert torch.equal(perturb(pixels, small, [0.2, 0.6]), perturb(pixels, up, [0.2, 0.6]))
+    up = F.interpolate(small.double()[None, None], size=(12, 10), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.equal(upsample_map(small, (12, 10)), up)  # float64, whatever the map's dtype
+    assert quantize_map(small).tolist() == torch.tensor(reference_levels(small)).view(3, 5).tolist()
+    levels_up = upsample_map(quantize_map(small), (12, 10))
+    assert torch.equal(rank_pixels(small, (12, 10)), pixel_order(levels_up))
+    assert torch.equal(rank_pixels(small, (12, 10), levels=None), pixel_order(up))
+    assert torch.equal(perturb(pixels, small, [0.2, 0.6]), perturb(pixels, levels_up, [0.2, 0.6], rank_levels=None))
+
+
+def test_quantize_map_hand_cases():
+    values = torch.tensor([[2.0, 3.0, 4.0], [2.0 + 2 * 0.49 / 255, 2.0 + 2 * 0.51 / 255, 2.0 + 2 * 127.5 / 255]])
+    assert quantize_map(values).tolist() == [[0.0, 128.0, 255.0], [0.0, 1.0, 128.0]]  # 127.5: half to even
+    assert quantize_map(values, levels=3).tolist() == [[0.0, 1.0, 2.0], [0.0, 0.0, 1.0]]
+    assert quantize_map(torch.full((2, 2), 7.0)).tolist() == [[0.0, 0.0], [0.0, 0.0]]  # constant: row-major order
+    assert quantize_map(torch.tensor([[1.0, 3.0]]), levels=256).dtype == torch.float64
+    with pytest.raises(ValueError, match="at least 2"):
+        quantize_map(values, levels=1)
+
+
+def test_pixel_order_ignores_float_noise_of_a_batch():
+    """A 1-ulp change of a token (what padding does to a map) leaves the perturbation order as it was.
+
+    The clean map is symmetric, so pixels mirrored across its diagonal tie exactly and go in row-major
+    order; nudging the lower-left token up by one float32 ulp makes its side strictly larger. The
+    unquantized order follows the noise; the quantized one does not.
+    """
+    clean = torch.tensor([[0.25, 0.75], [0.75, 0.25]])
+    noisy = clean.clone()
+    noisy[1, 0] = torch.nextafter(noisy[1, 0], torch.tensor(1.0))
+    assert not torch.equal(rank_pixels(noisy, (8, 8), levels=None), rank_pixels(clean, (8, 8), levels=None))
+    assert torch.equal(rank_pixels(noisy, (8, 8)), rank_pixels(clean, (8, 8)))
 
 
 def test_gaussian_blur_matches_a_direct_convolution():
