@@ -173,6 +173,6 @@ class Evaluator:
                 metric.update(curve.nppl[None])
             elif mode == "pic":
                 metric.update(curve.ppl[None], curve.webp_sizes[None])
-            else:
-                metric.update(curve.ppl[None], torch.tensor([curve.ppl_original], dtype=torch.float64))
+            else:  # deletion, insertion: both end images are on the curve
+                metric.update(curve.ppl[None])
             self.rows[label][name].append(sample.id)

@@ -36,8 +36,8 @@ Choices the paper leaves open:
   (the σ of RISE's reference insertion code) on the ``pixel_values`` grid, a separable kernel
   truncated at 3σ, replicate padding. ``blur_sigma`` changes it.
 * Level grids: ``positive``/``negative`` default to the paper's 0, 0.1, …, 0.9; ``deletion``,
-  ``insertion`` and ``pic`` to 0, 0.1, …, 1.0 so that their curves run between the original image and
-  the fully perturbed one. ``pic`` levels must start at 0 (fully obscured) and end at 1 (original).
+  ``insertion`` and ``pic`` to 0, 0.1, …, 1.0, and their grids must start at 0 and end at 1: their
+  metrics normalize each curve between the original image and the fully perturbed one.
 * Identical images are scored once: level 0 of the removal modes and level 1 of the reveal modes are
   the original image; ``pic`` at p equals ``negative`` at 1 − p; ``deletion`` equals ``positive``.
 """
@@ -79,6 +79,12 @@ RANK_LEVELS = 256
 # How each mode builds its image: (fill, which pixels are replaced by the fill, as a function of k).
 _FILL = {"positive": "mean", "deletion": "mean", "negative": "mean", "insertion": "blur", "pic": "mean"}
 _REVEAL = {"insertion", "pic"}
+# Modes whose curves are normalized between their two end images, so both must be on the grid.
+_ENDS = {
+    "deletion": "the original and the all-mean image",
+    "insertion": "the fully blurred image and the original",
+    "pic": "the fully obscured image and the original",
+}
 
 ImageKey = tuple[Any, ...]
 
@@ -381,8 +387,8 @@ def _levels_by_mode(
         out[mode] = [float(p) for p in chosen]
         if not out[mode]:
             raise ValueError(f"mode {mode!r} has no levels")
-        if mode == "pic" and (out[mode][0] != 0.0 or out[mode][-1] != 1.0):
-            raise ValueError("pic levels must start at 0 (fully obscured image) and end at 1 (original image)")
+        if mode in _ENDS and (out[mode][0] != 0.0 or out[mode][-1] != 1.0):
+            raise ValueError(f"{mode} levels must start at 0 and end at 1 ({_ENDS[mode]}), got {out[mode]}")
     return out
 
 
