@@ -32,7 +32,7 @@ from metrics import (
 )
 
 NUM_SAMPLES = 7  # odd: the ranks get different numbers of samples
-LEVELS = [i / 10 for i in range(11)]
+LEVELS = [0.0, 0.2, 0.5, 0.8, 1.0]  # both end images, for deletion and insertion
 
 
 def _results(run_dir, batch_size, devices=1, strategy="auto") -> dict:
