@@ -31,7 +31,7 @@ import torch
 from dexar.adapters.base import VLMAdapter
 from dexar.explanation import Explanation
 from dexar.labels import sample_token_labels
-from dexar.perturbation import MODES, perturbation_curves
+from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, perturbation_curves
 from dexar.schema import Sample
 
 LOCALIZATION_TARGETS = ("sequence", "tokens")
@@ -58,12 +58,15 @@ class EvaluationSettings:
         replacement: Replacement value of perturbed pixels in ``pixel_values`` space (0 = dataset mean
             after mean/std normalization).
         blur_sigma: σ in pixels of the insertion blur.
+        rank_levels: Quantization levels of a map before its pixels are ranked
+            (:func:`dexar.perturbation.rank_pixels`; ``None``: unquantized).
     """
 
     localization_target: str = "sequence"
     max_batch: int = 16
     replacement: float = 0.0
-    blur_sigma: float = 5.0
+    blur_sigma: float = DEFAULT_BLUR_SIGMA
+    rank_levels: int | None = RANK_LEVELS
 
     def __post_init__(self) -> None:
         if self.localization_target not in LOCALIZATION_TARGETS:
@@ -210,6 +213,7 @@ class Evaluator:
             max_batch=self.settings.max_batch,
             replacement=self.settings.replacement,
             blur_sigma=self.settings.blur_sigma,
+            rank_levels=self.settings.rank_levels,
         )
         for name, mode in modes.items():
             curve = curves[mode]
@@ -218,6 +222,6 @@ class Evaluator:
                 metric.update(curve.nppl[None])
             elif mode == "pic":
                 metric.update(curve.ppl[None], curve.webp_sizes[None])
-            else:
-                metric.update(curve.ppl[None], torch.tensor([curve.ppl_original], dtype=torch.float64))
+            else:  # deletion, insertion: both end images are on the curve
+                metric.update(curve.ppl[None])
             self.rows[label][name].append(sample.id)

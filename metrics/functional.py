@@ -35,6 +35,7 @@ __all__ = [
     "insertion_curve",
     "mask_mse",
     "mask_snr",
+    "normalize_between_ends",
     "normalized_perplexity",
     "perturbation_auc",
     "pic_auc",
@@ -428,70 +429,103 @@ def perturbation_auc(nppl: torch.Tensor, levels: torch.Tensor | Sequence[float])
     return _nan_where(~torch.isfinite(values).all(1), auc)
 
 
-def _reference_column(levels: torch.Tensor, target: float, name: str) -> int:
-    hits = (levels == target).nonzero()
-    if hits.numel() == 0:
-        raise ValueError(f"{name}: pass ppl_original or include level {target} (the original image)")
-    return int(hits[0, 0])
+def _end_columns(levels: torch.Tensor, name: str) -> None:
+    """Check that a grid runs from level 0 to level 1: the two end images a curve is normalized between."""
+    if float(levels[0]) != 0.0 or float(levels[-1]) != 1.0:
+        raise ValueError(
+            f"{name} levels must start at 0 and end at 1 (the curve is normalized between its two end images), "
+            f"got {levels.tolist()}"
+        )
 
 
-def deletion_curve(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Deletion curve ``NPPL(p) = PPL(x_p) / PPL(x)``; ``ppl_original`` defaults to the level-0 column."""
-    values, x = _curve_inputs(ppl, levels)
-    reference = values[:, _reference_column(x, 0.0, "deletion")] if ppl_original is None else ppl_original
-    return normalized_perplexity(values, reference)
+def normalize_between_ends(ppl: torch.Tensor, ppl_original: torch.Tensor, ppl_perturbed: torch.Tensor) -> torch.Tensor:
+    """``clip((PPL − PPL_original) / (PPL_perturbed − PPL_original), 0, 1)`` per row.
 
-
-def deletion_auc(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Deletion AUC (appendix F.1): trapezoidal AUC of ``PPL(x_p) / PPL(x)`` as the top p are removed.
-
-    Removing means replacing by the dataset mean (the positive test's images). ``ppl_original``
-    defaults to the column at level 0 (the unperturbed image). Higher is better. Cases as
-    :func:`perturbation_auc`; a non-positive or non-finite reference → NaN.
+    0 is the original image's perplexity, 1 that of the fully perturbed image. A point beyond an end
+    (a non-monotone curve: a partly perturbed image worse than the fully perturbed one, or better than
+    the original) is clipped to that end, as PIC clips its gain (:func:`pic_curve`), so an AUC over a
+    0–1 grid lies in [0, 1]. A row is NaN (undefined, skipped by the metric classes) unless every value
+    is finite and ``PPL_perturbed > PPL_original``: with equal ends there is nothing to normalize, and
+    when perturbing the whole image *lowers* the perplexity there is no deterioration (deletion) or
+    recovery (insertion) for the curve to measure. The test uses no tolerance: near-equal ends give a
+    noisy but bounded curve.
 
     Args:
-        ppl: ``(N, L)`` or ``(L,)`` perplexities per level.
-        levels: ``(L,)`` strictly increasing fractions.
+        ppl: ``(N, L)`` perplexities.
         ppl_original: ``(N,)`` perplexity on the unperturbed image.
+        ppl_perturbed: ``(N,)`` perplexity on the fully perturbed image.
 
     Returns:
-        ``(N,)`` AUCs.
+        ``(N, L)`` values in [0, 1] (NaN rows where undefined).
 
     """
-    return perturbation_auc(deletion_curve(ppl, levels, ppl_original), levels)
+    start, end = ppl_original.reshape(-1, 1), ppl_perturbed.reshape(-1, 1)
+    ok = (end > start) & torch.isfinite(ppl).all(1, keepdim=True) & torch.isfinite(start) & torch.isfinite(end)
+    curve = ((ppl - start) / torch.where(ok, end - start, 1.0)).clamp(0.0, 1.0)
+    return _nan_where(~ok, curve)
 
 
-def insertion_curve(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Insertion curve ``NPPL(p) = PPL(x_p) / PPL(x)``; ``ppl_original`` defaults to the level-1 column."""
+def deletion_curve(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Deletion curve (appendix F.1), normalized between its ends: ``(PPL(x_p) − PPL(x)) / (PPL(x_1) − PPL(x))``.
+
+    ``x`` is the original image (level 0) and ``x_1`` the image with every pixel replaced by the dataset
+    mean (level 1), so the curve rises from 0 to 1; clipping and undefined rows as
+    :func:`normalize_between_ends`. Levels must start at 0 and end at 1.
+
+    Reading of "normalize the perplexities": the paper's table 6 puts Del. in 0.21–0.50 while the
+    positive test (the same images divided by ``PPL(x)`` only) is 6–18, so the curve is normalized
+    between its two end images. It is the paper's ratio ``PPL(x_p) / PPL(x)`` rescaled affinely so
+    that its ends are 0 and 1, whichever of the two is divided first.
+    """
     values, x = _curve_inputs(ppl, levels)
-    reference = values[:, _reference_column(x, 1.0, "insertion")] if ppl_original is None else ppl_original
-    return normalized_perplexity(values, reference)
+    _end_columns(x, "deletion")
+    return normalize_between_ends(values, values[:, 0], values[:, -1])
 
 
-def insertion_auc(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Insertion AUC (appendix F.1): trapezoidal AUC of ``PPL(x_p) / PPL(x)`` as the top p are revealed.
+def deletion_auc(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Deletion AUC: trapezoidal AUC of :func:`deletion_curve` over the levels. Higher is better.
 
-    Level 0 is the fully blurred image; revealing every pixel gives the original, so ``ppl_original``
-    defaults to the column at level 1. Lower is better. Cases as :func:`deletion_auc`.
+    A good map removes the pixels the answer needs first, so the perplexity approaches that of the
+    all-mean image early and the area is large.
 
     Args:
-        ppl: ``(N, L)`` or ``(L,)`` perplexities per level.
-        levels: ``(L,)`` strictly increasing fractions.
-        ppl_original: ``(N,)`` perplexity on the unperturbed image.
+        ppl: ``(N, L)`` or ``(L,)`` perplexities per level, level 0 the original, level 1 all mean.
+        levels: ``(L,)`` strictly increasing fractions from 0 to 1.
 
     Returns:
-        ``(N,)`` AUCs.
+        ``(N,)`` AUCs in [0, 1]; NaN where :func:`normalize_between_ends` is undefined.
 
     """
-    return perturbation_auc(insertion_curve(ppl, levels, ppl_original), levels)
+    return perturbation_auc(deletion_curve(ppl, levels), levels)
+
+
+def insertion_curve(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Insertion curve (appendix F.1), normalized between its ends: ``(PPL(x_p) − PPL(x)) / (PPL(x_0) − PPL(x))``.
+
+    ``x_0`` is the fully blurred image (level 0) and ``x`` the original (level 1: every pixel revealed),
+    so the curve falls from 1 to 0; clipping and undefined rows as :func:`normalize_between_ends`
+    (the blurred image must have the higher perplexity). Levels must start at 0 and end at 1.
+    """
+    values, x = _curve_inputs(ppl, levels)
+    _end_columns(x, "insertion")
+    return normalize_between_ends(values, values[:, -1], values[:, 0])
+
+
+def insertion_auc(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Insertion AUC: trapezoidal AUC of :func:`insertion_curve` over the levels. Lower is better.
+
+    A good map reveals the pixels the answer needs first, so the perplexity recovers early ("faster
+    recovery", appendix F.1) and the area is small.
+
+    Args:
+        ppl: ``(N, L)`` or ``(L,)`` perplexities per level, level 0 fully blurred, level 1 the original.
+        levels: ``(L,)`` strictly increasing fractions from 0 to 1.
+
+    Returns:
+        ``(N,)`` AUCs in [0, 1]; NaN where :func:`normalize_between_ends` is undefined.
+
+    """
+    return perturbation_auc(insertion_curve(ppl, levels), levels)
 
 
 def pic_curve(ppl: torch.Tensor, sizes: torch.Tensor, monotone: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,15 @@ def ref_trapz(y, x):
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
 
+def ref_end_normalized(ppl, original, perturbed):
+    """A perplexity curve rescaled so PPL(original) → 0 and PPL(fully perturbed) → 1, clipped; the slow way."""
+    values = [float(v) for v in ppl]
+    if not all(math.isfinite(v) for v in values) or not values[perturbed] > values[original]:
+        return [math.nan] * len(values)
+    lo, hi = values[original], values[perturbed]
+    return [min(max((v - lo) / (hi - lo), 0.0), 1.0) for v in values]
+
+
 def ref_pic(ppl, sizes, monotone=True):
     p0, p1, s0, s1 = ppl[0], ppl[-1], sizes[0], sizes[-1]
     if not (s1 > s0 and p1 < p0):
@@ -184,14 +193,15 @@ def test_curve_aucs_match_loop_reference():
     ppl = torch.rand(5, 6, generator=g, dtype=torch.float64) * 20 + 1
     ppl[2, 3] = torch.inf
     x = np.array(levels)
+    ppl[0, -1], ppl[1, 0] = ppl[0, 0] + 30, ppl[1, -1] + 30  # one defined deletion and insertion at least
     close(MF.perturbation_auc(ppl, levels), f64([ref_trapz(r.numpy(), x) for r in ppl]))
-    close(MF.deletion_auc(ppl, levels), f64([ref_trapz((r / r[0]).numpy(), x) for r in ppl]))
-    close(MF.insertion_auc(ppl, levels), f64([ref_trapz((r / r[-1]).numpy(), x) for r in ppl]))
-    given = torch.rand(5, generator=g, dtype=torch.float64) + 1
-    close(
-        MF.deletion_auc(ppl, levels, given),
-        f64([ref_trapz((r / o).numpy(), x) for r, o in zip(ppl, given, strict=True)]),
-    )
+    deletion = [ref_end_normalized(r, 0, -1) for r in ppl]  # original (level 0) → all mean (level 1)
+    insertion = [ref_end_normalized(r, -1, 0) for r in ppl]  # original (level 1) → fully blurred (level 0)
+    close(MF.deletion_curve(ppl, levels), f64(deletion))
+    close(MF.insertion_curve(ppl, levels), f64(insertion))
+    close(MF.deletion_auc(ppl, levels), f64([ref_trapz(c, x) for c in deletion]))
+    close(MF.insertion_auc(ppl, levels), f64([ref_trapz(c, x) for c in insertion]))
+    assert 0 < int(MF.deletion_auc(ppl, levels).isnan().sum()) < 5  # both defined and undefined rows
 
 
 @pytest.mark.parametrize("monotone", [True, False])
@@ -249,8 +259,19 @@ def test_hand_cases_tokens_and_curves():
     close(MF.filler_snr([torch.tensor([2.0, 0.0])], [torch.tensor([F_, T])], [torch.ones(2)], eps=1e-3), [-30.0])
     close(MF.perturbation_auc(torch.tensor([1.0, 2.0, 3.0]), [0.0, 0.5, 1.0]), [2.0])
     close(MF.perturbation_auc(torch.ones(1, 10), [i / 10 for i in range(10)]), [0.9])
-    close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [2.0])
-    close(MF.insertion_auc(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [2.0])
+    # deletion and insertion curves run between their end images: 0 = original, 1 = fully perturbed
+    close(MF.deletion_curve(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [[0.0, 0.5, 1.0]])
+    close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [0.5])
+    close(MF.deletion_auc(torch.tensor([2.0, 3.0, 6.0]), [0.0, 0.5, 1.0]), [0.25 * 0.25 + 0.25 * 1.25])
+    close(MF.deletion_auc(torch.tensor([2.0, 8.0, 6.0]), [0.0, 0.5, 1.0]), [0.75])  # 1.5 clipped to 1
+    close(MF.insertion_curve(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [[1.0, 0.5, 0.0]])
+    close(MF.insertion_auc(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [0.5])
+    close(MF.insertion_auc(torch.tensor([6.0, 3.0, 2.0]), [0.0, 0.5, 1.0]), [0.25 * 1.25 + 0.25 * 0.25])
+    close(MF.insertion_auc(torch.tensor([6.0, 1.0, 2.0]), [0.0, 0.5, 1.0]), [0.25])  # −0.25 clipped to 0
+    close(
+        MF.insertion_auc(torch.tensor([11.0, 6.0, 3.0, 1.0]), [0.0, 0.1, 0.5, 1.0]),
+        [0.1 * 0.75 + 0.4 * 0.35 + 0.5 * 0.1],
+    )
     close(MF.pic_auc(torch.tensor([10.0, 4.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.75])
     close(MF.pic_auc(torch.tensor([10.0, 1.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.875])  # y clipped
     ppl, sizes = torch.tensor([10.0, 4.0, 6.0, 2.0]), torch.tensor([100.0, 150.0, 200.0, 300.0])
@@ -304,11 +325,17 @@ def test_degenerate_token_and_curve_inputs():
     with pytest.raises(ValueError, match="non-negative"):
         MF.filler_snr([torch.ones(2)], [torch.tensor([T, F_])], [-torch.ones(2)])
     close(MF.perturbation_auc(torch.tensor([[1.0, math.nan, 2.0], [1.0, 1.0, 1.0]]), [0, 0.5, 1]), [math.nan, 1.0])
-    close(MF.deletion_auc(torch.tensor([[0.0, 1.0, 2.0]]), [0, 0.5, 1]), [math.nan])  # zero reference
+    # equal ends (nothing to normalize), ends the wrong way round (no deterioration / recovery), a non-finite
+    # point: undefined, NaN; the classes skip and count them
+    ends = torch.tensor([[2.0, 3.0, 2.0], [4.0, 3.0, 2.0], [2.0, math.inf, 6.0], [2.0, 4.0, 6.0]])
+    close(MF.deletion_auc(ends, [0, 0.5, 1]), [math.nan, math.nan, math.nan, 0.5])
+    close(MF.insertion_auc(ends.flip(1), [0, 0.5, 1]), [math.nan, math.nan, math.nan, 0.5])
     with pytest.raises(ValueError, match="strictly increasing"):
         MF.perturbation_auc(torch.ones(1, 3), [0.0, 0.5, 0.5])
-    with pytest.raises(ValueError, match="ppl_original"):
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
         MF.insertion_auc(torch.ones(1, 3), [0.0, 0.3, 0.6])
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
+        MF.deletion_auc(torch.ones(1, 3), [0.1, 0.3, 1.0])
     with pytest.raises(ValueError, match="non-negative"):
         MF.soft_iou(-torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool))
 
@@ -594,3 +621,26 @@ def test_unseen_mask_fraction_metric_ignores_the_maps():
     metric.update(torch.rand(2, 4, 4), masks, seen=seen)
     close(metric.per_sample(), [0.5, 0.0])
     assert metric.input_kind == "localization" and metric.reports_unseen_mask
+
+
+@pytest.mark.parametrize("cls", [metrics.DeletionAUC, metrics.InsertionAUC])
+def test_end_normalized_aucs_lie_in_unit_interval_and_match_their_mean_curve(cls):
+    """Any curve, monotone or not, gives an AUC in [0, 1]; the plotted mean curve's area is the mean AUC."""
+    g = torch.Generator().manual_seed(14)
+    levels = [i / 10 for i in range(11)]
+    ppl = torch.exp(torch.randn(200, 11, generator=g, dtype=torch.float64) * 2)  # wild, non-monotone curves
+    metric = cls(levels=levels)
+    metric.update(ppl[:120])
+    metric.update(ppl[120:])
+    values = metric.per_sample()
+    ok = values.isfinite()
+    assert 50 < int(ok.sum()) < 150 and metric.num_skipped == int((~ok).sum())  # ends the wrong way round
+    assert (values[ok] >= 0).all() and (values[ok] <= 1).all()
+    assert float(values[ok].min()) < 0.3 and float(values[ok].max()) > 0.7
+    grid, curve = metric.mean_curve()
+    close(torch.trapezoid(curve, grid), metric.compute())
+    ends = (0.0, 1.0) if cls is metrics.DeletionAUC else (1.0, 0.0)
+    close(curve[[0, -1]], f64(ends))
+    assert cls.plot_upper_bound == 1.0 and cls.higher_is_better is (cls is metrics.DeletionAUC)
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
+        cls(levels=[0.0, 0.5, 0.9])
