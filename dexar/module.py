@@ -524,8 +524,6 @@ def report_results(
         for r in rows:
             value = f"{r['value']:>10.4f}" if isinstance(r["value"], float) else f"{r['value']:>10}"
             print(f"{r['method']:<{width}}{r['metric']:<24}{value}{r['count']:>8}{r['skipped']:>9}")
-    for label, why in (not_applicable or {}).items():
-        print(f"{label}: n/a on {model} ({why})")
     print(
         f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} "
         f"({num_failed} samples failed, {num_unreadable} unreadable)"
