@@ -420,7 +420,9 @@ class ExplainerModule(L.LightningModule):
             raise NothingEvaluatedError(self.nothing_evaluated)
 
 
-def _nothing_evaluated(results: dict[str, dict[str, dict[str, Any]]], explained: int, unreadable: int, failed: int):
+def _nothing_evaluated(
+    results: dict[str, dict[str, dict[str, Any]]], explained: int, unreadable: int, failed: int
+) -> str | None:
     """The error message of a run that evaluated nothing, or ``None``."""
     if explained == 0:
         return f"nothing was evaluated: no sample was explained ({unreadable} unreadable, {failed} failed)"
