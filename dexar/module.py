@@ -174,14 +174,20 @@ class ExplainerModule(L.LightningModule):
         self.nothing_evaluated: str | None = None
 
     def setup(self, stage: str) -> None:
-        """Before predict: refuse more processes than samples (one line, instead of Lightning's assertion)."""
-        if stage != "predict" or self._trainer is None or self.trainer.world_size <= 1:
+        """Before predict, stop in one line on an empty dataset or more processes than samples.
+
+        Lightning would skip an empty run silently (exit 0, no results) and die in its sampler with a
+        bare ``AssertionError`` when a process gets no sample.
+        """
+        if stage != "predict" or self._trainer is None:
             return
-        size = _num_predict_samples(self.trainer)
-        if size is not None and size < self.trainer.world_size:
+        size, processes = _num_predict_samples(self.trainer), self.trainer.world_size
+        if size == 0:
+            raise NothingEvaluatedError("nothing to evaluate: the predict dataset has no sample")
+        if size is not None and size < processes:
             raise DexarInputError(
-                f"{size} sample(s) for {self.trainer.world_size} processes: each process needs at least one "
-                f"sample; use --trainer.devices {max(1, size)} (or fewer) or more samples"
+                f"{size} sample(s) for {processes} processes: each process needs at least one sample; "
+                f"use at most {size} processes (--trainer.devices, --trainer.num_nodes) or more samples"
             )
 
     def configure_model(self) -> None:

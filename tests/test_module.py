@@ -249,9 +249,15 @@ def test_fewer_samples_than_processes_stops_at_setup_in_one_line(tiny_checkpoint
     sampler died with a bare AssertionError."""
     module = ExplainerModule(model=tiny_checkpoint, answer_source="ground_truth")
     trainer = _trainer(tmp_path, devices=2, strategy="ddp_spawn")
-    message = (
-        r"1 sample\(s\) for 2 processes: each process needs at least one sample; use --trainer.devices 1 \(or fewer\)"
-    )
+    message = r"1 sample\(s\) for 2 processes: each process needs at least one sample; use at most 1 processes"
     with pytest.raises(Exception, match=message) as err:
         trainer.predict(module, datamodule=ShapesDataModule(num_samples=1, batch_size=1), return_predictions=False)
     assert "AssertionError" not in str(err.value)
+
+
+def test_empty_dataset_stops_at_setup(tiny_checkpoint, tmp_path):
+    """Lightning skips a predict loop without batches: no results, exit 0. The run must fail instead."""
+    module = ExplainerModule(model=tiny_checkpoint, answer_source="ground_truth")
+    with pytest.raises(NothingEvaluatedError, match="the predict dataset has no sample"):
+        _trainer(tmp_path).predict(module, datamodule=ShapesDataModule(num_samples=0), return_predictions=False)
+    assert module.vlm is None  # stopped before loading the model
