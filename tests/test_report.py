@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
+import yaml
 
+from datamodules.fixtures import make_imagenet
+from dexar.adapters.florence2 import Florence2Adapter
 from dexar.cli import main as cli_main
 from dexar.paper_numbers import PAPER
 from dexar.report import TABLES, build_table, collect, display, format_value, report, to_markdown
+from dexar.tiny_models import random_florence2
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +171,95 @@ def test_line_chart_draws_both_scales(tmp_path):
     for log in (None, False):
         img = line_chart(series, "Table 1: negative perturbation", "fraction of pixels removed", "NPPL", log)
         assert img.size == (820, 490) and len(img.getcolors(100000)) > 20  # lines, markers, text
+
+
+def test_sec_per_img_is_the_method_alone_with_the_shared_cost_beside_it(tmp_path):
+    """Issue 12.4: the paper times each method on its own; the shared trace serves every method's needs."""
+    run = _fake_run(
+        tmp_path / "run", "table1", {"model": "llava-1.5", "dataset": "imagenet"}, {"dexar": {"pos_auc": 18.0}}
+    )
+    per_image = {"generation": 0.01, "encoding": 0.02, "trace": 1.0, "method/dexar": 0.1, "alone/dexar": 0.5}
+    (run / "timing.json").write_text(json.dumps({"seconds_per_image": per_image}))
+    table = build_table(TABLES["table1"], collect([tmp_path]))
+    key = (("llava-1.5", "dexar"), ("imagenet",))
+    assert table.cells[(*key, "sec_per_img")] == pytest.approx(0.53)  # 0.01 + 0.02 + 0.5
+    assert table.cells[(*key, "shared_sec_per_img")] == pytest.approx(1.13)  # 0.01 + 0.02 + 1.0 + 0.1
+    assert table.paper[(*key, "sec_per_img")] == PAPER["table1"][(*key, "sec_per_img")]
+    text = to_markdown(table)
+    assert "| ImageNet sec/img | ImageNet shared sec/img |" in text
+    assert f"| {format_value(0.53)} ({PAPER['table1'][(*key, 'sec_per_img')]:.2f}) | {format_value(1.13)} |" in text
+
+
+def test_method_the_model_cannot_run_reads_na_with_its_reason(tmp_path):
+    run = _fake_run(
+        tmp_path / "flo", "table1b", {"model": "florence-2", "dataset": "imagenet"}, {"dexar": {"pos_auc": 0.9}}
+    )
+    payload = json.loads((run / "results.json").read_text())
+    why = "attention rollout multiplies self-attention matrices over image and text tokens"
+    payload["results"]["rollout"] = {
+        m: {"value": None, "count": 0, "skipped": 0, "n/a": why} for m in ("pos_auc", "neg_auc")
+    }
+    (run / "results.json").write_text(json.dumps(payload))
+    out = tmp_path / "report"
+    report([tmp_path], out)
+    text = (out / "report.md").read_text()
+    paper = PAPER["table1b"][(("florence-2", "rollout"), ("imagenet",), "pos_auc")]
+    assert f"| Rollout | n/a ({why}) ({paper:.2f}) | n/a ({why})" in text
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "table1b.csv"))}
+    assert rows["rollout"]["imagenet pos_auc"] == "n/a" and float(rows["dexar"]["imagenet pos_auc"]) == 0.9
+
+
+def test_the_default_run_is_reported(tmp_path):
+    """Issue 13.12: a run without variant.json (the default config) was skipped."""
+    main(["predict", *SMALL, "--trainer.default_root_dir", str(tmp_path / "demo"), "--trainer.logger", "false"])
+    out = tmp_path / "report"
+    assert cli_main(["report", str(tmp_path), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Runs of no paper table" in text and "skipped" not in text
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
+    for label, group in results.items():
+        for metric, stats in group.items():
+            if stats["value"] is not None:
+                assert format_value(stats["value"]) in text, (label, metric)
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert {(r["run"], r["method"]) for r in rows} == {("demo", "dexar"), ("demo", "attention")}
+    assert all(float(r["sec_per_img"]) > 0 and float(r["shared_sec_per_img"]) > 0 for r in rows)
+
+
+def test_florence2_table1b_run_finishes_with_na_cells(tmp_path, capsys, caplog):
+    """Issue 12.6: configs/paper/table1b_* lists rollout, gradcam, chefercam and iia, which Florence-2 refuses;
+    the run died at setup. Now they are skipped with one warning and reported n/a, every other method runs."""
+    model, processor = random_florence2(dtype=torch.float32, seed=1)
+    checkpoint = tmp_path / "tiny-florence2"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    make_imagenet(tmp_path / "imagenet", per_class=1, broken=())
+    config = yaml.safe_load((ROOT / "configs" / "paper" / "table1b_imagenet.yaml").read_text())
+    florence = config["experiment"]["grid"]["model"]["florence-2"]
+    assert florence["model.init_args.model"] == "florence-community/Florence-2-base"  # native, no remote code
+    florence["model.init_args.model"] = str(checkpoint)
+    (tmp_path / "table1b_imagenet.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    runs = tmp_path / "runs"
+    args = ["predict", "--config", str(tmp_path / "table1b_imagenet.yaml"), "--variant.model", "florence-2"]
+    args += ["--data.init_args.root", str(tmp_path / "imagenet"), "--data.init_args.num_workers", "0"]
+    args += ["--model.init_args.dtype", "float32", "--model.init_args.time_alone_batches", "0"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(runs)]
+    with caplog.at_level(logging.WARNING, logger="dexar.module"):
+        main([*args, *SMALL])
+    refused = ["rollout", "gradcam", "chefercam", "iia"]
+    warnings = [r for r in caplog.records if "cannot run on" in r.getMessage()]
+    assert len(warnings) == 1 and all(label in warnings[0].getMessage() for label in refused)
+    run_dir = runs / "model-florence-2"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert sorted(results["not_applicable"]) == sorted(refused)
+    for label, group in results["results"].items():
+        for stats in group.values():
+            if label in refused:
+                assert stats["n/a"] == Florence2Adapter.refused_methods[label] and stats["value"] is None
+            else:
+                assert stats["count"] == 2 and "n/a" not in stats
+    assert set(results["results"]) == set(config["model"]["init_args"]["methods"])
+    text = report([runs], tmp_path / "report")
+    for label in refused:
+        assert f"n/a ({Florence2Adapter.refused_methods[label]})" in text
+    assert "| Florence-2 | Attention |" in text
