@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     explanations = {name: exps[0] for name, exps in results.items()}
     out = Path(args.out)
     try:
-        written = _save(explanations, out, args.prompt, args.html)
+        written = _save(explanations, out, args.prompt, args.html, title=Path(args.image).name)
     except OSError as err:
         print(f"dexar: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
@@ -161,7 +161,7 @@ def _methods(spec: str, options: dict[str, str]) -> dict[str, Any]:
     return methods
 
 
-def _save(explanations: dict[str, Any], out: Path, prompt: str, html: bool) -> list[Path]:
+def _save(explanations: dict[str, Any], out: Path, prompt: str, html: bool, title: str) -> list[Path]:
     """Write each method's PNGs and JSON (``out/`` for one method, ``out/<method>/`` for several) and the page."""
     written = []
     for name, result in explanations.items():
@@ -170,7 +170,7 @@ def _save(explanations: dict[str, Any], out: Path, prompt: str, html: bool) -> l
     if html:
         from dexar.explorer import payload_from_explanations, write_explanation_html
 
-        payload = payload_from_explanations(explanations, prompt=prompt)
+        payload = payload_from_explanations(explanations, prompt=prompt, title=title)
         written.append(write_explanation_html(payload, out / "explanation.html"))
     return written
 
