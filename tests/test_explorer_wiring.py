@@ -11,7 +11,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 import metrics as M
@@ -27,6 +26,7 @@ from dexar.explorer.predict import contribution_values, page_name, read_sample_r
 from dexar.explorer.synthetic import synthetic_run
 from dexar.module import ExplainerModule
 from dexar.report import report
+from tests.test_resume import Kill
 
 
 def _page_json(text: str, key: str = "dx-data") -> dict:
@@ -188,17 +188,6 @@ def _module(checkpoint: str) -> ExplainerModule:
         metrics=metrics,
         localization_target="tokens",
     )
-
-
-class Kill(Callback):
-    """Raises after ``after`` batches were written (the writer runs first): an injected crash."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx + 1 == self.after:
-            raise RuntimeError("killed")
 
 
 def _predict(checkpoint: str, out: Path, *extra, devices: int = 1, logger=False) -> ExplainerModule:
