@@ -293,7 +293,7 @@ def test_wandb_per_sample_table_holds_the_overlay_pages(tiny_checkpoint, tmp_pat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))  # the table artifact's staging files
-    logger = WandbLogger(project="dexar-test", save_dir=str(tmp_path), offline=True)
+    logger = WandbLogger(project="dexar-test", save_dir=str(tmp_path), offline=True, mode="offline")
     _predict(tiny_checkpoint, tmp_path, logger=logger)
     logger.experiment.finish()
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
