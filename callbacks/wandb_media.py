@@ -50,7 +50,7 @@ class WandbMedia(Callback):
             table = wandb.Table(columns=columns, data=data)
             payload[f"curves/{label}/{name}"] = wandb.plot.line(table, columns[0], columns[-1], title=f"{label} {name}")
             payload[f"curve_tables/{label}/{name}"] = table
-        pages = _explorer_pages(Path(trainer.default_root_dir), rows)
+        pages = _explorer_pages(Path(trainer.default_root_dir))
         if rows or pages:
             metric_names = sorted({k for r in rows for k in r if k not in ("sample", "method")})
             data = [[r["sample"], r["method"], *[r.get(m) for m in metric_names]] for r in rows]
@@ -85,7 +85,7 @@ class WandbMedia(Callback):
         return out
 
 
-def _explorer_pages(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
+def _explorer_pages(run_dir: Path) -> dict[str, str]:
     """Sample id → text of its explorer page (``explorer/samples``, see :mod:`dexar.explorer.predict`)."""
     from dexar.explorer.predict import read_sample_rows
 
