@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,15 @@ def write_sample_page(
     samples_dir = Path(explorer_dir) / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     name = page_name(payload.sample_id or f"sample-{index}")
-    page = write_explanation_html(payload, samples_dir / f"{name}.html", side_by_side=True)
+    page = samples_dir / f"{name}.html"
+    # written under temporary names, then renamed: a killed run or a second writer never leaves half a file
+    tmp = write_explanation_html(payload, samples_dir / f".{name}.html.{os.getpid()}.tmp", side_by_side=True)
+    tmp.replace(page)
     row = {**sample_row(payload, page, metrics or {}), "index": int(index)}
     sidecar = page.with_suffix(SIDECAR_SUFFIX)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(row, allow_nan=False), encoding="utf-8")
-    tmp.replace(sidecar)  # a reader never sees half a row
+    tmp.replace(sidecar)
     return page
 
 
