@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dexar.report_names import display
 from dexar.resume import natural_key
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 
 
 def _series_label(spec: TableSpec, attrs: dict[str, str]) -> str:
-    from dexar.report import display
-
     return " ".join(
         f"{k}={attrs[k]}" if k not in ("model", "method") else display(attrs[k]) for k in spec.rows if k in attrs
     )
