@@ -12,12 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from dexar import tracing
-from dexar.adapters import DexarInputError, VLMAdapter, get_adapter
+from dexar.adapters import DexarInputError, TeacherForcedBatch, VLMAdapter, get_adapter
 from dexar.explanation import Explanation
 from dexar.generation import generate_answers
 from dexar.methods import Method, build_method
 from dexar.schema import Sample
+from dexar.trace import run as run_trace
 
 ANSWER_SOURCES = ("ground_truth", "generate")
 
@@ -94,7 +94,7 @@ class Explainer:
         clock.lap("generation")
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
-        trace = tracing.run(self.adapter, batch, self.needs)
+        trace = run_trace(self.adapter, batch, self.needs)
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
         for name, method in self.methods.items():
@@ -151,7 +151,7 @@ class Explainer:
         return {name: [e for e in exps if e is not None] for name, exps in results.items()}
 
     @staticmethod
-    def _positions(batch: tracing.TeacherForcedBatch, index: int) -> torch.Tensor:
+    def _positions(batch: TeacherForcedBatch, index: int) -> torch.Tensor:
         """Answer positions in the unpadded ``input_ids`` of one sample."""
         return batch.unpadded_answer_positions(index).cpu()
 

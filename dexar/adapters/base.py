@@ -77,6 +77,9 @@ class VLMAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    architecture: ClassVar[str] = "decoder"
+    """What the tracer instruments: ``"decoder"``, a decoder's self-attention over image and text tokens;
+    ``"cross"``, an encoder-decoder's cross-attention over the encoder (``cross_attention_modules``)."""
     prompt_template: ClassVar[str] = "{prompt}"
     row_local_text_models: ClassVar[tuple[str, ...]] = ()
     """Language-model ``model_type`` values whose decoder layers are row-local outside attention."""
@@ -86,7 +89,7 @@ class VLMAdapter:
         """Whether the decoder layers are row-local outside attention (pre-norm LLaMA-style blocks).
 
         If so, the tracer re-runs each layer on the answer rows only to build the gradient graph (see
-        ``tracing._detach_layer_inputs``), holding ``T`` rows in memory instead of ``N``.
+        ``dexar.trace.instrument.rerun_answer_rows``), holding ``T`` rows in memory instead of ``N``.
         """
         return getattr(self.text_config, "model_type", None) in self.row_local_text_models
 
