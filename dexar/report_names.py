@@ -16,6 +16,7 @@ DISPLAY = {
     "rise": "RISE",
     "iia": "IIA",
     "tam": "TAM",
+    "tam_authors": "TAM (authors' indexing)",
     "dexar": "DEX-AR",
     "llava-1.5": "LLaVA-1.5",
     "bakllava": "BakLLaVA-v1",
@@ -32,9 +33,14 @@ DISPLAY = {
 
 
 def display(value: str) -> str:
-    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``)."""
+    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``).
+
+    A ``_nofiller`` suffix (the filler filter off) reads ``(filler ✗)``.
+    """
     if value in DISPLAY:
         return DISPLAY[value]
+    if value.endswith("_nofiller"):
+        return f"{display(value.removesuffix('_nofiller'))} (filler ✗)"
     if value.startswith("dexar_top") and value[9:].isdigit():
         return f"top-{int(value[9:]) / 100:g}"
     if value.startswith("dexar_"):
