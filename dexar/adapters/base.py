@@ -5,18 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-if TYPE_CHECKING:
-    from dexar.adapters.geometry import MapGeometry
-
-
-class DexarInputError(ValueError):
-    """Bad user input (image, prompt, model): the message says what is wrong, in one line."""
+from dexar.adapters.errors import DexarInputError
+from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 @dataclass
@@ -208,8 +204,6 @@ class VLMAdapter:
         Single-view families read it at setup, so a processor of unknown geometry fails there; tiling
         and dynamic-resolution families declare their own :meth:`map_geometry`.
         """
-        from dexar.adapters.geometry import ProcessorView  # it imports this module
-
         return ProcessorView.of(self.processor.image_processor)
 
     def map_geometry(self, image: Image.Image) -> MapGeometry:
