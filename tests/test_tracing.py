@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 
@@ -207,3 +210,15 @@ def test_run_dispatches_on_the_declared_architecture(tiny64, samples, monkeypatc
     monkeypatch.setattr(type(adapter), "architecture", "ring")
     with pytest.raises(ValueError, match="architecture = 'ring'"):
         run_trace(adapter, batch)
+
+
+def test_the_old_module_is_a_deprecated_alias_of_the_package(monkeypatch):
+    """``dexar.tracing`` (code written before the package) warns on import and hands out the package's objects."""
+    import dexar.trace as package
+
+    monkeypatch.delitem(sys.modules, "dexar.tracing", raising=False)
+    with pytest.warns(DeprecationWarning, match="import dexar.trace"):
+        old = importlib.import_module("dexar.tracing")
+    for name in old.__all__:
+        if name != "TeacherForcedBatch":
+            assert getattr(old, name) is getattr(package, name), name
