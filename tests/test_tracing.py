@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dexar.adapters import DexarInputError, get_adapter
+from dexar.adapters import DexarInputError, TeacherForcedBatch, get_adapter
 from dexar.reference import naive_layer_grads
 from dexar.trace import DEFAULT_NEEDS, attention, hidden_grads_need, instrument
 from dexar.trace import run as run_trace
@@ -219,6 +219,8 @@ def test_the_old_module_is_a_deprecated_alias_of_the_package(monkeypatch):
     monkeypatch.delitem(sys.modules, "dexar.tracing", raising=False)
     with pytest.warns(DeprecationWarning, match="import dexar.trace"):
         old = importlib.import_module("dexar.tracing")
-    for name in old.__all__:
-        if name != "TeacherForcedBatch":
-            assert getattr(old, name) is getattr(package, name), name
+    for name in package.__all__:
+        assert getattr(old, name) is getattr(package, name), name
+    assert old.TeacherForcedBatch is TeacherForcedBatch
+    with pytest.raises(AttributeError, match="the tracer is dexar.trace"):
+        old._rerun_answer_rows  # noqa: B018  (the old private helpers are gone)
