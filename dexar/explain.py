@@ -12,12 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from dexar import tracing
-from dexar.adapters import DexarInputError, VLMAdapter, get_adapter
+from dexar.adapters import DexarInputError, TeacherForcedBatch, VLMAdapter, get_adapter
 from dexar.explanation import Explanation
 from dexar.generation import generate_answers
 from dexar.methods import Method, MethodOutput, build_method
 from dexar.schema import Sample
+from dexar.trace import run as run_trace
 
 ANSWER_SOURCES = ("ground_truth", "generate")
 
@@ -125,7 +125,7 @@ class Explainer:
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
         clock.lap("encoding")
-        trace = tracing.run(self.adapter, batch, self.needs)
+        trace = run_trace(self.adapter, batch, self.needs)
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
         for name, method in self.methods.items():
@@ -135,7 +135,7 @@ class Explainer:
         del trace, out  # free the shared trace before any trace of one method's needs
         if time_alone:
             for name, method in self.methods.items():
-                out = method(tracing.run(self.adapter, batch, method.needs))
+                out = method(run_trace(self.adapter, batch, method.needs))
                 self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
                 clock.lap(f"alone/{name}")
         self.last_timings = clock.laps
@@ -146,7 +146,7 @@ class Explainer:
         name: str,
         method: Method,
         out: MethodOutput,
-        batch: tracing.TeacherForcedBatch,
+        batch: TeacherForcedBatch,
         samples: list[Sample],
         answer_ids: list[list[int]],
         texts: list[str],
@@ -204,7 +204,7 @@ class Explainer:
         return {name: [e for e in exps if e is not None] for name, exps in results.items()}
 
     @staticmethod
-    def _positions(batch: tracing.TeacherForcedBatch, index: int) -> torch.Tensor:
+    def _positions(batch: TeacherForcedBatch, index: int) -> torch.Tensor:
         """Answer positions in the unpadded ``input_ids`` of one sample."""
         return batch.unpadded_answer_positions(index).cpu()
 

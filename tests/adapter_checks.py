@@ -7,12 +7,13 @@ from contextlib import contextmanager
 
 import torch
 
-from dexar import load_model, tracing
+from dexar import load_model
 from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.methods import METHODS, DexAR, build_method
 from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.schema import Sample
+from dexar.trace import run as run_trace
 
 TOL = 1e-10
 FAST_OPTIONS = {
@@ -40,7 +41,7 @@ def assert_exact(model, processor, samples, lengths) -> float:
     adapter = get_adapter(model, processor)
     batch = make_batch(adapter, samples, lengths)
     assert (batch.inputs["attention_mask"] == 0).any(), "the batch must be left-padded"
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     out = DexAR()(trace)
     worst = 0.0
     for b in range(len(samples)):
@@ -125,7 +126,7 @@ def assert_methods_run(model, processor, samples, lengths, grid) -> None:
     explainer = Explainer(model, processor, methods)
     adapter = explainer.adapter
     batch = make_batch(adapter, samples, lengths)
-    trace = tracing.run(adapter, batch, explainer.needs)
+    trace = run_trace(adapter, batch, explainer.needs)
     assert trace.grid == grid
     for name, method in methods.items():
         out = method(trace)
@@ -148,7 +149,7 @@ def assert_load_roundtrip(model, processor, path, adapter_cls, sample) -> None:
     for m, p in ((model, processor), (loaded, loaded_processor)):
         adapter = get_adapter(m, p)
         batch = make_batch(adapter, [sample], [3])
-        traces.append((batch, tracing.run(adapter, batch)))
+        traces.append((batch, run_trace(adapter, batch)))
     (b0, t0), (b1, t1) = traces
     assert b0.inputs.keys() == b1.inputs.keys()
     for key, value in b0.inputs.items():

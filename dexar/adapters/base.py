@@ -5,18 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-if TYPE_CHECKING:
-    from dexar.adapters.geometry import MapGeometry
-
-
-class DexarInputError(ValueError):
-    """Bad user input (image, prompt, model): the message says what is wrong, in one line."""
+from dexar.adapters.errors import DexarInputError
+from dexar.adapters.geometry import MapGeometry, ProcessorView
 
 
 @dataclass
@@ -81,6 +77,9 @@ class VLMAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    architecture: ClassVar[str] = "decoder"
+    """What the tracer instruments: ``"decoder"``, a decoder's self-attention over image and text tokens;
+    ``"cross"``, an encoder-decoder's cross-attention over the encoder (``cross_attention_modules``)."""
     prompt_template: ClassVar[str] = "{prompt}"
     row_local_text_models: ClassVar[tuple[str, ...]] = ()
     """Language-model ``model_type`` values whose decoder layers are row-local outside attention."""
@@ -90,7 +89,7 @@ class VLMAdapter:
         """Whether the decoder layers are row-local outside attention (pre-norm LLaMA-style blocks).
 
         If so, the tracer re-runs each layer on the answer rows only to build the gradient graph (see
-        ``tracing._detach_layer_inputs``), holding ``T`` rows in memory instead of ``N``.
+        ``dexar.trace.instrument.rerun_answer_rows``), holding ``T`` rows in memory instead of ``N``.
         """
         return getattr(self.text_config, "model_type", None) in self.row_local_text_models
 
@@ -205,8 +204,6 @@ class VLMAdapter:
         Single-view families read it at setup, so a processor of unknown geometry fails there; tiling
         and dynamic-resolution families declare their own :meth:`map_geometry`.
         """
-        from dexar.adapters.geometry import ProcessorView  # it imports this module
-
         return ProcessorView.of(self.processor.image_processor)
 
     def map_geometry(self, image: Image.Image) -> MapGeometry:

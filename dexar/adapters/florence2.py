@@ -82,7 +82,7 @@ class Florence2Adapter(VLMAdapter):
     model_types = ("florence2",)
     prompt_template = "{prompt}"
     paper_prompt: ClassVar[str] = "<DETAILED_CAPTION>"
-    cross_attention: ClassVar[bool] = True
+    architecture: ClassVar[str] = "cross"
     refused_methods: ClassVar[dict[str, str]] = {
         "rollout": "attention rollout multiplies self-attention matrices over image and text tokens",
         "chefercam": "CheferCAM propagates relevance through self-attention over image and text tokens",

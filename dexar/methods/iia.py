@@ -7,9 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from dexar import tracing
 from dexar.methods.base import MethodOutput, finish, rollout_rows
-from dexar.tracing import Trace
+from dexar.trace import Trace, grad_weighted_attention
 
 
 @dataclass
@@ -62,7 +61,7 @@ class IIA:
         betas = points.tolist()
         total = None
         for alpha in points:
-            cam = tracing.grad_weighted_attention(adapter, batch, pixels.to(work) * alpha, betas, self.per_token)
+            cam = grad_weighted_attention(adapter, batch, pixels.to(work) * alpha, betas, self.per_token)
             total = cam if total is None else total + cam
         total = total / len(points) ** 2
         return total if self.per_token else total[:, 0]

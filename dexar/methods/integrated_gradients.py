@@ -7,9 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from dexar import tracing
 from dexar.methods.base import MethodOutput, finish
-from dexar.tracing import Trace
+from dexar.trace import Trace, answer_log_probs, batched_grads
 
 SPACINGS = ("uniform", "quadratic")
 
@@ -89,9 +88,9 @@ class IntegratedGradients:
             for chunk, weight in zip(alphas.split(size), weights.split(size), strict=True):
                 path = (chunk.view(-1, *lead) * x).requires_grad_(True)
                 with torch.enable_grad():
-                    target = tracing.answer_log_probs(adapter, batch, path, index=b)[:, t_max - length :]
+                    target = answer_log_probs(adapter, batch, path, index=b)[:, t_max - length :]
                     if self.per_token:
-                        for t0, c, (grad,) in tracing.batched_grads(target, [path], None):
+                        for t0, c, (grad,) in batched_grads(target, [path], None):
                             total[t0 : t0 + c] += (grad * weight.view(1, -1, *lead)).sum(1)
                     else:
                         (grad,) = torch.autograd.grad(target.sum(), path)
