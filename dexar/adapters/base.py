@@ -232,7 +232,8 @@ class VLMAdapter(abc.ABC):
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Encode images and prompts: unpadded prompt ids per sample and the batched image inputs.
 
-        Each sample's ids hold exactly the image tokens its image gives (:meth:`check_image_tokens`).
+        Each sample's ids hold exactly the image tokens its image gives
+        (:func:`~dexar.adapters.encoding.check_image_tokens`).
         """
 
     @abc.abstractmethod
@@ -292,36 +293,6 @@ class VLMAdapter(abc.ABC):
     def format_prompt(self, prompt: str) -> str:
         """Apply the model's prompt template (paper appendix B)."""
         return self.prompt_template.format(prompt=prompt)
-
-    def processor_encode(self, images: list[Image.Image], texts: list[str]) -> tuple[list[list[int]], Any]:
-        """The multimodal processor on ``texts`` (formatted prompts): unpadded ids per sample and its output."""
-        enc = self.processor(images=self.prepare_images(images), text=texts, padding=True, return_tensors="pt")
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-        return ids, enc
-
-    def check_image_tokens(self, ids: list[list[int]], expected: list[int], source: str = "the model expects") -> None:
-        """Raise :class:`DexarInputError` if sample ``b``'s ids do not hold ``expected[b]`` image tokens."""
-        for b, (row, count) in enumerate(zip(ids, expected, strict=True)):
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != count:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, {source} {count}")
-
-    def answer_after_prompt(self, answer: str, separator: str = " ") -> list[int]:
-        """Answer ids as they follow the prompt: the suffix of tokenize(prompt + separator + answer).
-
-        Tokenizing in context keeps SentencePiece word-boundary markers right; if the prompt's ids are
-        not a prefix of the joint ids, the answer is tokenized on its own.
-        """
-        prompt = self.format_prompt("x")
-        joint = self.tokenizer(prompt + separator + answer.strip(), add_special_tokens=False)["input_ids"]
-        alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if joint[: len(alone)] == alone:
-            return list(joint[len(alone) :])
-        return self.answer_alone(answer)
-
-    def answer_alone(self, answer: str) -> list[int]:
-        """Answer ids tokenized on their own, without special tokens."""
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
 
     # -- the teacher-forced batch -------------------------------------------------------------
     batch_class: ClassVar[type[TeacherForcedBatch]] = TeacherForcedBatch

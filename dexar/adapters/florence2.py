@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter, answer_slots, to_device
+from dexar.adapters.encoding import answer_alone, check_image_tokens, processor_encode
 
 
 @dataclass
@@ -143,16 +144,16 @@ class Florence2Adapter(VLMAdapter):
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         try:
-            ids, enc = self.processor_encode(images, [self.format_prompt(p) for p in prompts])
+            ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
         except ValueError as err:  # e.g. a task token with extra text
             raise DexarInputError(f"Florence-2 prompt rejected: {err}") from err
         h, w = self.image_grid({"pixel_values": enc["pixel_values"]})
-        self.check_image_tokens(ids, [h * w + 1] * len(ids), "the model makes")
+        check_image_tokens(self, ids, [h * w + 1] * len(ids), "the model makes")
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
         """Answer ids as they follow ``<s>`` in the decoder: tokenized on their own, no special tokens."""
-        return self.answer_alone(answer)
+        return answer_alone(self, answer)
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         """The DaViT feature grid: each stage's convolutional embedding applied to the pixel size."""

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens
 from dexar.adapters.geometry import MapGeometry
 from dexar.adapters.tiles import box_cell_map, grid_boxes
 
@@ -152,7 +153,7 @@ class Idefics3Adapter(VLMAdapter):
             text = self.format_prompt(prompt).replace(IMAGE_TOKEN, image_prompt(rows[b], cols[b], seq_len))
             ids.append(list(self.tokenizer(text)["input_ids"]))
         expected = [(r * c + 1) * seq_len for r, c in zip(rows, cols, strict=True)]
-        self.check_image_tokens(ids, expected, "the image gives")
+        check_image_tokens(self, ids, expected, "the image gives")
         image_inputs = {"pixel_values": out["pixel_values"], "image_rows": torch.tensor(rows)}
         image_inputs["image_cols"] = torch.tensor(cols)
         if "pixel_attention_mask" in out:
@@ -161,7 +162,7 @@ class Idefics3Adapter(VLMAdapter):
 
     def tokenize_answer(self, answer: str) -> list[int]:
         """Answer ids as they follow ``Assistant:`` after a space (:meth:`answer_after_prompt`)."""
-        return self.answer_after_prompt(answer, " ")
+        return answer_after_prompt(self, answer, " ")
 
     def _tiling(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         rows, cols = image_inputs["image_rows"], image_inputs["image_cols"]

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens, processor_encode
 
 
 class LlavaAdapter(VLMAdapter):
@@ -48,13 +49,13 @@ class LlavaAdapter(VLMAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        ids, enc = self.processor_encode(images, [self.format_prompt(p) for p in prompts])
-        self.check_image_tokens(ids, [self.num_image_tokens] * len(ids))
+        ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [self.num_image_tokens] * len(ids))
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
         """Answer ids as they follow the prompt after a space (:meth:`answer_after_prompt`)."""
-        return self.answer_after_prompt(answer, " ")
+        return answer_after_prompt(self, answer, " ")
 
     @property
     def num_image_tokens(self) -> int:

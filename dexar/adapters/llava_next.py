@@ -38,6 +38,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch
+from dexar.adapters.encoding import check_image_tokens, processor_encode
 from dexar.adapters.geometry import MapGeometry, resize_output_size, size_dict
 from dexar.adapters.llava import LlavaAdapter
 from dexar.adapters.tiles import box_cell_map, grid_boxes
@@ -230,8 +231,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        ids, enc = self.processor_encode(images, [self.format_prompt(p) for p in prompts])
-        self.check_image_tokens(ids, [len(self.layout(tuple(size.tolist())).source) for size in enc["image_sizes"]])
+        ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [len(self.layout(tuple(size.tolist())).source) for size in enc["image_sizes"]])
         return ids, {"pixel_values": enc["pixel_values"], "image_sizes": enc["image_sizes"]}
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:

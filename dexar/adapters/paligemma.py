@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
+from dexar.adapters.encoding import answer_alone, check_image_tokens, processor_encode
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -71,13 +72,13 @@ class PaliGemmaAdapter(VLMAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        ids, enc = self.processor_encode(images, [self._image_token + self.format_prompt(p) for p in prompts])
-        self.check_image_tokens(ids, [self.num_image_tokens] * len(ids))
+        ids, enc = processor_encode(self, images, [self._image_token + self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [self.num_image_tokens] * len(ids))
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
         r"""Answer ids as the processor encodes a suffix: tokenized on its own, right after the ``\n``."""
-        return self.answer_alone(answer)
+        return answer_alone(self, answer)
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         n = self.num_image_tokens

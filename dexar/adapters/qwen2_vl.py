@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens
 from dexar.adapters.geometry import MapGeometry
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -110,12 +111,12 @@ class Qwen2VLAdapter(VLMAdapter):
         for prompt, count in zip(prompts, counts, strict=True):
             text = self.format_prompt(prompt).replace(IMAGE_TOKEN, IMAGE_TOKEN * int(count))
             ids.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        self.check_image_tokens(ids, counts, "the image gives")
+        check_image_tokens(self, ids, counts, "the image gives")
         return ids, image_inputs
 
     def tokenize_answer(self, answer: str) -> list[int]:
         """Answer ids as they follow the prompt, no space in between (:meth:`answer_after_prompt`)."""
-        return self.answer_after_prompt(answer, "")
+        return answer_after_prompt(self, answer, "")
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         grids = image_inputs["image_grid_thw"]
