@@ -50,7 +50,7 @@ class Explainer:
         """Label → why the architecture cannot run the method (``skip_unsupported``)."""
         for label, method in list(self.methods.items()):
             try:
-                self.adapter.check_method(method.name)  # a one-line error for a method the architecture lacks
+                self.adapter.check_method(method)  # a one-line error for a method the architecture lacks
             except DexarInputError as err:
                 if not skip_unsupported:
                     raise

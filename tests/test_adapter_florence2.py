@@ -28,6 +28,7 @@ from dexar.tiny_models import random_florence2
 from dexar.trace import run as run_trace
 from dexar.trace.instrument import attn_implementation
 from dexar.trace.plan import CROSS_NEEDS
+from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["<DETAILED_CAPTION>", "what is shown in the image ?", "<CAPTION>"]
@@ -104,7 +105,8 @@ def test_adapter_registered_with_paper_prompt(flo64):
     assert adapter.decoder_prefix == [2, 0]  # </s> <s>, as BART decoders start
 
 
-def test_cross_attention_trace_equals_naive_reference_on_padded_batch(padded):
+def check_cross_attention_trace_equals_naive_reference(padded):
+    """Run by :meth:`TestConformance.test_one_pass_matches_naive_reference` (the suite's exactness check)."""
     adapter, batch = padded
     trace = run_trace(adapter, batch)
     out = DexAR()(trace)
@@ -249,3 +251,28 @@ def test_perturbation_curves_score_the_encoder_prompt(flo64):
     curves = explanation_curves(adapter, exp, modes=("positive",), levels=[0.0, 0.5])
     direct = answer_perplexity(adapter, prompt, exp.token_ids, exp.inputs["pixel_values"])
     assert torch.isclose(curves["positive"].ppl[0], direct.reshape(-1)[0].to(curves["positive"].ppl.dtype), rtol=1e-9)
+
+
+class TestConformance(AdapterConformance):
+    """The suite every family runs; exactness against the cross-attention reference (:func:`naive_cross_grads`)."""
+
+    adapter_cls = Florence2Adapter
+    exact_lengths = (5, 2)
+    methods_lengths = (4, 2)
+    grid = (4, 4)
+    distinct_grid_keys = 1
+
+    @pytest.fixture
+    def vlm(self, flo64):
+        return flo64
+
+    @pytest.fixture
+    def family_samples(self):
+        return [
+            Sample(id=str(i), image=im, prompt=p, answer=a)
+            for i, (im, p, a) in enumerate(zip(_images(), PROMPTS, ANSWERS, strict=True))
+        ]
+
+    def test_one_pass_matches_naive_reference(self, padded):
+        """The decoder's cross-attention ``g_t^l``, rows and logit lens == the textbook eager forward (appendix D)."""
+        check_cross_attention_trace_equals_naive_reference(padded)

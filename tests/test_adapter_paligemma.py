@@ -29,6 +29,7 @@ from dexar.schema import Sample
 from dexar.tiny_models import random_paligemma
 from dexar.trace import instrument
 from dexar.trace import run as run_trace
+from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["Cap.", "what is shown in the image ?", "Cap."]
@@ -254,3 +255,28 @@ def test_answer_rows_rerun_equals_full_graph(padded, monkeypatch):
     assert rows.grads.abs().max() > 1e-3
     assert (rows.grads - full.grads).abs().max() <= 1e-12
     assert (rows.logit_lens - full.logit_lens).abs().max() <= 1e-12
+
+
+class TestConformance(AdapterConformance):
+    """The suite every family runs, on the padded prefix-LM batch's images (every size → one 4×4 grid)."""
+
+    adapter_cls = PaliGemmaAdapter
+    exact_lengths = (5, 2)
+    methods_lengths = (4, 2)
+    grid = (4, 4)
+    distinct_grid_keys = 1
+
+    @pytest.fixture
+    def vlm(self, pali64):
+        return pali64
+
+    @pytest.fixture
+    def family_samples(self):
+        return _samples()
+
+
+def _samples():
+    return [
+        Sample(id=str(i), image=im, prompt=p, answer=a)
+        for i, (im, p, a) in enumerate(zip(_images(), PROMPTS, ANSWERS, strict=True))
+    ]

@@ -45,6 +45,9 @@ class IIA:
 
     name: ClassVar[str] = "iia"
     needs: ClassVar[frozenset[str]] = frozenset({"extra_forwards"})
+    probe_needs: ClassVar[frozenset[str]] = frozenset({"attention_probes"})
+    """Its extra forwards inject the last layer's decoder self-attention over image and text tokens
+    (:meth:`dexar.adapters.base.VLMAdapter.check_method` reads it; the tracer never sees it)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
