@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics as M  # noqa: E402
 from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model  # noqa: E402
-from dexar.methods import build_method  # noqa: E402
 from dexar.evaluation import EvaluationSettings, Evaluator  # noqa: E402
+from dexar.methods import build_method  # noqa: E402
 from dexar.perturbation import _image_key, answer_perplexity, level_counts  # noqa: E402
 
 METHODS = ("dexar", "attention")
@@ -117,7 +117,8 @@ def per_image_seconds(adapter, samples, exps, max_batch: int, repeats: int) -> l
         answer = adapter.tokenize_answer(sample.answer)
         images = exp.inputs["pixel_values"].expand(max_batch, -1, -1, -1).clone()
         answer_perplexity(adapter, prompt, answer, images, max_batch)  # warm-up
-        out.append(statistics.median(timed(lambda: answer_perplexity(adapter, prompt, answer, images, max_batch), repeats)) / max_batch)  # noqa: B023,E501
+        score = lambda p=prompt, a=answer, i=images: answer_perplexity(adapter, p, a, i, max_batch)  # noqa: E731
+        out.append(statistics.median(timed(score, repeats)) / max_batch)
     return out
 
 
@@ -168,10 +169,10 @@ def bench(name: str, num_samples: int, repeats: int, max_batch: int) -> list[dic
         times: dict[str, list[float]] = {v: [] for v in variants()}
         for _ in range(repeats):  # alternate the variants: load changes hit both
             for variant, options in variants().items():
-                times[variant] += timed(lambda o=options: run_evaluator(adapter, samples, exps, o, max_batch), 1)
+                times[variant] += timed(lambda o=options, e=exps: run_evaluator(adapter, samples, e, o, max_batch), 1)
         for variant, options in variants().items():
             seconds = statistics.median(times[variant])
-            shares = profile_shares(lambda o=options: run_evaluator(adapter, samples, exps, o, max_batch))
+            shares = profile_shares(lambda o=options, e=exps: run_evaluator(adapter, samples, e, o, max_batch))
             rows.append(
                 {
                     "model": name,
@@ -205,7 +206,8 @@ def main() -> None:
     print(header)
     for r in rows:
         line = f"{r['model']:<8}{r['methods']:<11}{r['variant']:<11}{r['images']:>8}{r['floor']:>9.3f}"
-        line += f"{r['seconds']:>9.3f}{r['ratio']:>9.2f}" + "".join(f"{r[c]:>9.0%}" for c in (*PROFILE, "metrics", "rest"))
+        line += f"{r['seconds']:>9.3f}{r['ratio']:>9.2f}"
+        line += "".join(f"{r[c]:>9.0%}" for c in (*PROFILE, "metrics", "rest"))
         print(line)
     for (model, variant), group in _by(rows).items():
         mean = statistics.mean(r["ratio"] for r in group if r["methods"] != "all")
