@@ -124,3 +124,28 @@ def test_an_evaluation_failure_is_counted_and_the_run_finishes(tmp_path, devices
         for name in ("pos_auc", "neg_auc"):  # the failing (sample, method) feeds none of the method's metrics
             assert results["results"][label][name]["count"] == 4, (label, name)
     assert "1 failed evaluation (dexar: 1, attention: 1)" in capfd.readouterr().out
+
+
+def test_predict_cli_keeps_no_predictions_in_memory(tmp_path, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from train_eval import main
+
+    seen: dict = {}
+    monkeypatch.setattr(Trainer, "predict", lambda self, **kwargs: seen.update(kwargs))
+    args = ["predict", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    main([*args, "--data.init_args.num_samples", "2"])
+    assert seen["return_predictions"] is False
+
+
+def test_every_method_shares_one_pixel_values_copy_per_sample(module):
+    samples = [make_shapes_sample(i) for i in range(2)]
+    explanations, _ = module._explain(samples, time_alone=False)
+    for b in range(2):
+        dexar, attention = explanations["dexar"][b].inputs, explanations["attention"][b].inputs
+        assert dexar is not attention  # a dict of its own
+        assert dexar["pixel_values"].data_ptr() == attention["pixel_values"].data_ptr()
+    assert (
+        explanations["dexar"][0].inputs["pixel_values"].data_ptr()
+        != explanations["dexar"][1].inputs["pixel_values"].data_ptr()
+    )
