@@ -199,19 +199,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     header = f"{'model':<8}{'methods':<11}{'variant':<11}{'img/smp':>8}{'floor s':>9}{'eval s':>9}{'× floor':>9}"
     header += "".join(f"{c:>9}" for c in (*PROFILE, "metrics", "rest"))
-    rows = []
-    for name, count in zip(args.model, args.samples + args.samples[-1:] * len(args.model), strict=False):
-        rows += bench(name, count, args.repeats, args.max_batch)
+    counts = args.samples + args.samples[-1:] * len(args.model)
+    for name, count in zip(args.model, counts, strict=False):
+        rows = bench(name, count, args.repeats, args.max_batch)
         print(f"{name}: {count} samples, max_batch {args.max_batch}, {args.threads} threads")
-    print(header)
-    for r in rows:
-        line = f"{r['model']:<8}{r['methods']:<11}{r['variant']:<11}{r['images']:>8}{r['floor']:>9.3f}"
-        line += f"{r['seconds']:>9.3f}{r['ratio']:>9.2f}"
-        line += "".join(f"{r[c]:>9.0%}" for c in (*PROFILE, "metrics", "rest"))
-        print(line)
-    for (model, variant), group in _by(rows).items():
-        mean = statistics.mean(r["ratio"] for r in group if r["methods"] != "all")
-        print(f"{model} {variant}: mean × floor over methods {mean:.2f}")
+        print(header)
+        for r in rows:
+            line = f"{r['model']:<8}{r['methods']:<11}{r['variant']:<11}{r['images']:>8}{r['floor']:>9.3f}"
+            line += f"{r['seconds']:>9.3f}{r['ratio']:>9.2f}"
+            line += "".join(f"{r[c]:>9.0%}" for c in (*PROFILE, "metrics", "rest"))
+            print(line)
+        for (model, variant), group in _by(rows).items():
+            mean = statistics.mean(r["ratio"] for r in group if r["methods"] != "all")
+            print(f"{model} {variant}: mean × floor over methods {mean:.2f}", flush=True)
 
 
 def _by(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
