@@ -39,8 +39,8 @@ import torch
 from dexar.adapters.base import VLMAdapter
 from dexar.explanation import Explanation
 from dexar.labels import sample_token_labels
-from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, PerturbationCurve, perturbation_curves
-from dexar.pooled_perturbation import CurveRequest, pooled_curves
+from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, PerturbationCurve
+from dexar.pooled_perturbation import CurveRequest, pooled_curves, reference_curves
 from dexar.schema import Sample
 
 LOCALIZATION_TARGETS = ("sequence", "tokens")
@@ -289,19 +289,14 @@ class Evaluator:
     ) -> None:
         group = self.metrics[label]
         if curves is None:
-            request = self._request(label, sample, exp, modes)
-            curves = perturbation_curves(
+            settings = self.settings
+            curves = reference_curves(
                 self.adapter,
-                request.pixel_values,
-                request.prompt_ids,
-                request.answer_ids,
-                request.heatmap,
-                modes=tuple(request.levels),
-                levels=request.levels,
-                max_batch=self.settings.max_batch,
-                replacement=self.settings.replacement,
-                blur_sigma=self.settings.blur_sigma,
-                rank_levels=self.settings.rank_levels,
+                self._request(label, sample, exp, modes),
+                settings.max_batch,
+                settings.replacement,
+                settings.blur_sigma,
+                settings.rank_levels,
             )
         for name, mode in modes.items():
             curve = curves[mode]

@@ -136,21 +136,33 @@ def pooled_curves(
     return results
 
 
+def reference_curves(
+    adapter: VLMAdapter,
+    request: CurveRequest,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    replacement: float | Sequence[float] | torch.Tensor = 0.0,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    rank_levels: int | None = RANK_LEVELS,
+) -> dict[str, PerturbationCurve]:
+    """One request's curves on their own (:func:`~dexar.perturbation.perturbation_curves`): the slow reference."""
+    return perturbation_curves(
+        adapter,
+        request.pixel_values,
+        request.prompt_ids,
+        request.answer_ids,
+        request.heatmap,
+        modes=tuple(request.levels),
+        levels=request.levels,
+        max_batch=max_batch,
+        replacement=replacement,
+        blur_sigma=blur_sigma,
+        rank_levels=rank_levels,
+    )
+
+
 def _alone(adapter, request, max_batch, replacement, blur_sigma, rank_levels):
     try:
-        return perturbation_curves(
-            adapter,
-            request.pixel_values,
-            request.prompt_ids,
-            request.answer_ids,
-            request.heatmap,
-            modes=tuple(request.levels),
-            levels=request.levels,
-            max_batch=max_batch,
-            replacement=replacement,
-            blur_sigma=blur_sigma,
-            rank_levels=rank_levels,
-        )
+        return reference_curves(adapter, request, max_batch, replacement, blur_sigma, rank_levels)
     except Exception as err:  # noqa: BLE001
         return err
 
