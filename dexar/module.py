@@ -96,6 +96,10 @@ class ExplainerModule(L.LightningModule):
     is dropped for that model at setup with one warning; ``results.json`` gives each of its metrics as
     ``{"value": null, "count": 0, "n/a": <reason>}`` and ``dexar report`` writes ``n/a`` in its cells.
 
+    A batch that runs out of memory is halved until it fits (:meth:`_explain_batch`); a sample whose
+    evaluation raises for a method is counted (``evaluation_failed_samples`` in ``results.json``) and
+    adds nothing to that method's metrics (:meth:`_evaluate`).
+
     A run in which nothing was evaluated (no sample explained, or no metric received a valid sample)
     prints, per metric, why its count is 0 and raises :class:`~dexar.coverage.NothingEvaluatedError`
     (a :class:`~dexar.adapters.DexarInputError`: one line, exit 1) after writing ``results.json``.
