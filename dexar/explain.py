@@ -128,15 +128,18 @@ class Explainer:
         trace = run_trace(self.adapter, batch, self.needs)
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
+        inputs = [batch.sample_inputs(b) for b in range(len(samples))]  # one copy per sample, shared by methods
         for name, method in self.methods.items():
             out = method(trace)
-            results[name] = self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
+            results[name] = self._explanations(
+                name, method, out, batch, samples, answer_ids, texts, keep_images, inputs
+            )
             clock.lap(f"method/{name}")
         del trace, out  # free the shared trace before any trace of one method's needs
         if time_alone:
             for name, method in self.methods.items():
                 out = method(run_trace(self.adapter, batch, method.needs))
-                self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
+                self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images, inputs)
                 clock.lap(f"alone/{name}")
         self.last_timings = clock.laps
         return results
@@ -151,8 +154,14 @@ class Explainer:
         answer_ids: list[list[int]],
         texts: list[str],
         keep_images: bool,
+        inputs: list[dict[str, torch.Tensor]],
     ) -> list[Explanation]:
-        """One method's batched output as one :class:`Explanation` per sample (CPU tensors)."""
+        """One method's batched output as one :class:`Explanation` per sample (CPU tensors).
+
+        ``inputs`` holds each sample's unpadded inputs (:meth:`TeacherForcedBatch.sample_inputs`), made
+        once per sample: every method's explanation of a sample holds the same tensors (one
+        ``pixel_values`` copy per sample, not one per method), in a dict of its own.
+        """
         per_sample = []
         for b, sample in enumerate(samples):
             length = int(batch.answer_lengths[b])
@@ -165,7 +174,7 @@ class Explainer:
                     token_maps=out.token_maps[b, sl].detach().cpu(),
                     token_weights=out.token_weights[b, sl].detach().cpu(),
                     sequence_map=out.sequence_map[b].detach().cpu(),
-                    inputs=batch.sample_inputs(b),
+                    inputs=dict(inputs[b]),
                     answer_positions=self._positions(batch, b),
                     method=name,
                     options=_options(method),
