@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from dexar.adapters.base import DexarInputError
+from dexar.adapters.errors import DexarInputError
 
 NEEDS = frozenset(
     {"attention_rows", "layer_grads", "full_attention", "final_logit_grads", "hidden_states", "extra_forwards"}
