@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from dexar.adapters import DexarInputError, TeacherForcedBatch, VLMAdapter, get_adapter
+from dexar.adapters.geometry import MapGeometry
 from dexar.explanation import Explanation
 from dexar.generation import generate_answers
 from dexar.methods import Method, MethodOutput, build_method
@@ -129,17 +130,17 @@ class Explainer:
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
         inputs = [batch.sample_inputs(b) for b in range(len(samples))]  # one copy per sample, shared by methods
+        geometries = [self.adapter.map_geometry(s.image) for s in samples]  # once per sample, not per method
+        shared = (batch, samples, answer_ids, texts, keep_images, inputs, geometries)
         for name, method in self.methods.items():
             out = method(trace)
-            results[name] = self._explanations(
-                name, method, out, batch, samples, answer_ids, texts, keep_images, inputs
-            )
+            results[name] = self._explanations(name, method, out, *shared)
             clock.lap(f"method/{name}")
         del trace, out  # free the shared trace before any trace of one method's needs
         if time_alone:
             for name, method in self.methods.items():
                 out = method(run_trace(self.adapter, batch, method.needs))
-                self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images, inputs)
+                self._explanations(name, method, out, *shared)
                 clock.lap(f"alone/{name}")
         self.last_timings = clock.laps
         return results
@@ -155,12 +156,14 @@ class Explainer:
         texts: list[str],
         keep_images: bool,
         inputs: list[dict[str, torch.Tensor]],
+        geometries: list[MapGeometry],
     ) -> list[Explanation]:
         """One method's batched output as one :class:`Explanation` per sample (CPU tensors).
 
         ``inputs`` holds each sample's unpadded inputs (:meth:`TeacherForcedBatch.sample_inputs`), made
         once per sample: every method's explanation of a sample holds the same tensors (one
-        ``pixel_values`` copy per sample, not one per method), in a dict of its own.
+        ``pixel_values`` copy per sample, not one per method), in a dict of its own. ``geometries`` holds
+        each sample's map geometry, also computed once per sample.
         """
         per_sample = []
         for b, sample in enumerate(samples):
@@ -183,7 +186,7 @@ class Explainer:
                     answer=texts[b],
                     image=sample.image if keep_images else None,
                     sample_id=sample.id,
-                    geometry=self.adapter.map_geometry(sample.image),
+                    geometry=geometries[b],
                 )
             )
         return per_sample
