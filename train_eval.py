@@ -29,8 +29,8 @@ from torch.multiprocessing.spawn import ProcessRaisedException
 
 from datamodules.common import BenchmarkDataModule, DatasetLayoutError
 from dexar.adapters import ADAPTERS, DexarInputError
-from dexar.grid import GridError, apply_variant
 from dexar.loading import resolve_dtype
+from dexar.pipeline.experiments import GridError, apply_variant
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIGS = {
@@ -166,14 +166,18 @@ def spawned_user_error(trace: str) -> str | None:
 
 
 class DexarCLI(LightningCLI):
-    """LightningCLI plus the paper-run keys ``experiment`` (table, attrs, grid) and ``variant`` (see ``dexar.grid``)."""
+    """LightningCLI plus the paper-run keys ``experiment`` (table, attrs, grid) and ``variant``.
+
+    See ``dexar.pipeline.experiments``.
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
             "--experiment",
             type=dict[str, Any] | None,
             default=None,
-            help="paper experiment: table (dexar report key), attrs, grid (axis -> levels); see dexar.grid",
+            help="paper experiment: table (dexar report key), attrs, grid (axis -> levels); "
+            "see dexar.pipeline.experiments",
         )
         parser.add_argument(
             "--variant",

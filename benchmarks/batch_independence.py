@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.wandb_media import _per_sample_rows  # noqa: E402
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from dexar import SHAPES_CHECKPOINT  # noqa: E402
-from dexar.module import ExplainerModule  # noqa: E402
+from dexar.pipeline.module import ExplainerModule  # noqa: E402
 from metrics import (  # noqa: E402
     PICAUC,
     DeletionAUC,

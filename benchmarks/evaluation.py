@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics as M  # noqa: E402
 from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model  # noqa: E402
-from dexar.evaluation import EvaluationSettings, Evaluator  # noqa: E402
 from dexar.methods import build_method  # noqa: E402
 from dexar.perturbation import _image_key, answer_perplexity, level_counts  # noqa: E402
+from dexar.pipeline.evaluation import EvaluationSettings, Evaluator  # noqa: E402
 
 METHODS = ("dexar", "attention")
 PROFILE = {  # category -> function names (cumulative time; the names do not nest in one another)
@@ -72,7 +72,7 @@ def demo_metrics() -> dict:
 def load(name: str):
     if name == "shapes":
         return load_model(SHAPES_CHECKPOINT)
-    from dexar.testing import random_llava
+    from dexar.testing.llava import random_llava
 
     return random_llava(
         hidden=512, layers=8, heads=8, grid=24, patch=14, vision_hidden=64, vision_layers=1, dtype=torch.float32

@@ -16,7 +16,7 @@ from dexar import trace
 from dexar.adapters import get_adapter
 from dexar.loading import load_model
 from dexar.methods import IntegratedGradients
-from dexar.shapes_model import SHAPES_CHECKPOINT
+from dexar.shapes.model import SHAPES_CHECKPOINT
 
 
 def main(argv: list[str]) -> None:

@@ -44,7 +44,7 @@ def _adapter(args):
     import torch
 
     from dexar.adapters import get_adapter
-    from dexar.testing import random_llava
+    from dexar.testing.llava import random_llava
 
     model, processor = random_llava(
         hidden=args.hidden,

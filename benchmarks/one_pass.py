@@ -28,7 +28,7 @@ def _setup(answer_tokens: int):
 
     from datamodules.shapes import make_shapes_sample
     from dexar.adapters import get_adapter
-    from dexar.testing import random_llava
+    from dexar.testing.llava import random_llava
 
     model, processor = random_llava(
         hidden=512, layers=8, heads=8, grid=24, patch=14, vision_hidden=64, vision_layers=1, dtype=torch.float32
@@ -46,7 +46,7 @@ def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> d
     import torch
 
     from dexar.methods import DexAR
-    from dexar.reference import naive_layer_grads
+    from dexar.testing.reference import naive_layer_grads
     from dexar.trace import run as run_trace
 
     torch.set_num_threads(threads)

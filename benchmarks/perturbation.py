@@ -24,7 +24,7 @@ from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, load_model  # noqa: E402
 from dexar.adapters import get_adapter  # noqa: E402
 from dexar.perturbation import perturbation_curves  # noqa: E402
-from dexar.testing import random_llava  # noqa: E402
+from dexar.testing.llava import random_llava  # noqa: E402
 
 
 def load(checkpoint: str, dtype: str):

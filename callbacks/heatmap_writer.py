@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dexar import jsonsafe
 from dexar.explanation import Explanation
-from dexar.resume import Progress, owner_rank
+from dexar.pipeline import jsonsafe
+from dexar.pipeline.resume import Progress, owner_rank
 from dexar.schema import Sample
 
 SHARD_GLOB = "shards/rank*/batch*.safetensors"
@@ -28,7 +28,7 @@ class HeatmapWriter(BasePredictionWriter):
     """Writes every predict batch to ``output_dir/shards/rank{R}/batch{I}.safetensors`` as it finishes.
 
     Each shard holds, per method and sample, ``token_maps``, ``token_weights`` and ``sequence_map``
-    tensors and the sample's metric contributions (``dexar.resume``); its metadata JSON lists tokens,
+    tensors and the sample's metric contributions (``dexar.pipeline.resume``); its metadata JSON lists tokens,
     ids, answers, flags, failures, unreadable samples and the settings fingerprint. A shard is written
     under a temporary name and renamed into place (atomic on POSIX), so a killed run keeps every
     finished batch and never a half-written one. Overlays (sequence map + per-token strip) are written
@@ -43,7 +43,7 @@ class HeatmapWriter(BasePredictionWriter):
     shards at predict start and hands them to the module (``resume_from``): done samples are skipped,
     their metric contributions, failures and measured seconds (``timing``: seconds per phase and the
     images they covered) restored, each on the process that owns the shard
-    (:func:`dexar.resume.owner_rank`). Batches with nothing new write no shard.
+    (:func:`dexar.pipeline.resume.owner_rank`). Batches with nothing new write no shard.
 
     Args:
         output_dir: Run directory; default: the trainer's ``default_root_dir``.
@@ -224,7 +224,7 @@ def read_progress(output_dir: str | Path, rank: int = 0, world_size: int = 1) ->
     """What the shards of ``output_dir`` already hold, for process ``rank`` of ``world_size``.
 
     ``done`` (and the shard count, fingerprints) cover every shard; failures, unreadable samples,
-    metric contributions and timing only the shards ``rank`` owns (:func:`dexar.resume.owner_rank`).
+    metric contributions and timing only the shards ``rank`` owns (:func:`dexar.pipeline.resume.owner_rank`).
     The defaults read everything (one process).
     """
     progress = Progress()

@@ -8,9 +8,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from dexar import jsonsafe
-from dexar.distributed import gather_objects
 from dexar.phase_timing import PhaseTotals, method_seconds
+from dexar.pipeline import jsonsafe
+from dexar.pipeline.distributed import gather_objects
 
 
 class Timing(Callback):

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from dexar.schema import Sample, collate_samples
-from dexar.shapes_model import COLORS, IMAGE_SIZE, SHAPES
+from dexar.shapes.model import COLORS, IMAGE_SIZE, SHAPES
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 CAPTION_PROMPT = "describe the image."

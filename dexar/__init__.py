@@ -6,7 +6,7 @@ from dexar.explanation import Explanation
 from dexar.loading import load_model
 from dexar.methods import METHODS, DexAR, build_method
 from dexar.schema import Sample
-from dexar.shapes_model import SHAPES_CHECKPOINT
+from dexar.shapes.model import SHAPES_CHECKPOINT
 
 __all__ = [
     "ADAPTERS",

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from datamodules.shapes import make_shapes_sample  # noqa: E402
-from dexar.testing import random_llava  # noqa: E402
+from dexar.testing.llava import random_llava  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,6 @@ from PIL import Image
 
 from dexar import DexarInputError, load_model
 from dexar.adapters import Florence2Adapter, get_adapter
-from dexar.cli import main as cli_main
 from dexar.explain import Explainer
 from dexar.methods import (
     IIA,
@@ -22,13 +21,14 @@ from dexar.methods import (
     Rise,
     Rollout,
 )
-from dexar.reference import REFERENCE_NAME, naive_dexar
+from dexar.pipeline.cli import main as cli_main
 from dexar.schema import Sample
-from dexar.tiny_models import random_florence2
+from dexar.testing.adapter_checks import AdapterConformance
+from dexar.testing.reference import REFERENCE_NAME, naive_dexar
+from dexar.testing.tiny_models import random_florence2
 from dexar.trace import run as run_trace
 from dexar.trace.instrument import attn_implementation
 from dexar.trace.plan import CROSS_NEEDS
-from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["<DETAILED_CAPTION>", "what is shown in the image ?", "<CAPTION>"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dexar.adapters import LlavaAdapter
-from tests.adapter_checks import AdapterConformance
+from dexar.testing.adapter_checks import AdapterConformance
 
 
 class TestConformance(AdapterConformance):

@@ -10,7 +10,6 @@ from PIL import Image
 
 from dexar import DexarInputError, load_model
 from dexar.adapters import PaliGemmaAdapter, get_adapter
-from dexar.cli import main as cli_main
 from dexar.explain import Explainer
 from dexar.methods import (
     IIA,
@@ -24,12 +23,13 @@ from dexar.methods import (
     Rise,
     Rollout,
 )
-from dexar.reference import naive_dexar, naive_layer_grads
+from dexar.pipeline.cli import main as cli_main
 from dexar.schema import Sample
-from dexar.tiny_models import random_paligemma
+from dexar.testing.adapter_checks import AdapterConformance
+from dexar.testing.reference import naive_dexar, naive_layer_grads
+from dexar.testing.tiny_models import random_paligemma
 from dexar.trace import instrument
 from dexar.trace import run as run_trace
-from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["Cap.", "what is shown in the image ?", "Cap."]

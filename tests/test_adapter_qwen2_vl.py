@@ -12,8 +12,8 @@ from PIL import Image
 from dexar.adapters import get_adapter
 from dexar.adapters.qwen2_vl import Qwen2VLAdapter
 from dexar.methods.base import finish
-from dexar.testing_vlms import random_qwen2_vl
-from tests.adapter_checks import AdapterConformance, make_batch
+from dexar.testing.adapter_checks import AdapterConformance, make_batch
+from dexar.testing.vlms import random_qwen2_vl
 
 # 64×64 pixels fit max_side² as they are; 96×64 is shrunk to 64×48 (dynamic resolution, 3×4 tokens)
 SIZES = [(64, 64), (96, 64), (64, 64)]
@@ -158,7 +158,7 @@ class _TraceLike:
 
 def test_perturbation_metrics_are_refused_at_setup(qwen):
     from dexar.adapters.base import DexarInputError
-    from dexar.evaluation import Evaluator
+    from dexar.pipeline.evaluation import Evaluator
     from metrics import PerturbationAUC
 
     adapter = get_adapter(*qwen)

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dexar
 from dexar import DexarInputError, explain, load_model
-from dexar.cli import main as cli_main
+from dexar.pipeline.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

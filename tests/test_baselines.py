@@ -23,7 +23,8 @@ from dexar.methods import (
     build_method,
 )
 from dexar.methods.rise import rise_masks
-from dexar.reference import (
+from dexar.testing.llava import random_llava
+from dexar.testing.reference import (
     _textbook_forward,
     naive_attentions,
     naive_final_logit_grads,
@@ -34,7 +35,6 @@ from dexar.reference import (
     naive_layer_grads,
     naive_log_probs,
 )
-from dexar.testing import random_llava
 from dexar.trace import hidden_grads_need
 from dexar.trace import run as run_trace
 

@@ -12,7 +12,7 @@ from dexar import SHAPES_CHECKPOINT, load_model
 from dexar.adapters import get_adapter
 from dexar.generation import generate_answers
 from dexar.methods import DexAR
-from dexar.reference import naive_dexar, naive_layer_grads
+from dexar.testing.reference import naive_dexar, naive_layer_grads
 from dexar.trace import run as run_trace
 
 

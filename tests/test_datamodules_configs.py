@@ -13,7 +13,7 @@ import pytest
 from callbacks.heatmap_writer import read_shards
 from datamodules.fixtures import make_imagenet, make_imagenet_c, make_voc, make_vqav2
 from datamodules.imagenet_c import PAPER_CORRUPTIONS
-from dexar.shapes_model import SHAPES_CHECKPOINT
+from dexar.shapes.model import SHAPES_CHECKPOINT
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import pytest
 
 from datamodules.shapes import ShapesDataModule
 from dexar import SHAPES_CHECKPOINT
-from dexar.module import ExplainerModule
+from dexar.pipeline.module import ExplainerModule
 from metrics import (
     DeletionAUC,
     EnergyPointingGame,

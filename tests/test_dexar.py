@@ -10,8 +10,8 @@ import torch
 from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.methods import HEAD_FILTERS, DexAR
-from dexar.reference import naive_dexar, naive_layer_grads
-from dexar.testing import random_llava
+from dexar.testing.llava import random_llava
+from dexar.testing.reference import naive_dexar, naive_layer_grads
 from dexar.trace import run as run_trace
 
 

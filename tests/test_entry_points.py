@@ -19,7 +19,7 @@ from torch.multiprocessing.spawn import ProcessRaisedException
 
 from datamodules.fixtures import make_imagenet, make_imagenet_c, make_voc, make_vqav2
 from dexar.adapters import DexarInputError
-from dexar.module import ExplainerModule
+from dexar.pipeline.module import ExplainerModule
 from train_eval import main, spawned_user_error
 
 ROOT = Path(__file__).resolve().parents[1]

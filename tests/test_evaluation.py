@@ -13,12 +13,12 @@ from lightning.pytorch.loggers import WandbLogger
 
 import metrics as M
 from callbacks import HeatmapWriter, Timing, WandbMedia
-from callbacks.wandb_records import read_run
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import Explainer, load_model
-from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.methods import DexAR
-from dexar.module import ExplainerModule
+from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
+from dexar.pipeline.module import ExplainerModule
+from dexar.pipeline.report.wandb_runs import read_run
 from metrics.functional import energy_pointing_game
 
 

@@ -491,7 +491,7 @@ def _check_words_show_their_maps(driver, payload, content: list[int], panels: in
 def cli_page(tmp_path_factory):
     """``dexar explain IMAGE --method dexar,attention,chefercam --html`` on a Shapes image (bundled model)."""
     from datamodules.shapes import make_shapes_sample
-    from dexar.cli import main as cli_main
+    from dexar.pipeline.cli import main as cli_main
 
     sample = make_shapes_sample(5, "test")
     out = tmp_path_factory.mktemp("cli")
@@ -538,7 +538,7 @@ def predict_run(tmp_path_factory):
     import metrics as M
     from callbacks import HeatmapWriter
     from datamodules.shapes import ShapesDataModule
-    from dexar.module import ExplainerModule
+    from dexar.pipeline.module import ExplainerModule
 
     out = tmp_path_factory.mktemp("predict")
     module = ExplainerModule(

@@ -17,15 +17,15 @@ import metrics as M
 from callbacks import HeatmapWriter, Timing, WandbMedia
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar.adapters.geometry import MapGeometry
-from dexar.cli import main as cli_main
 from dexar.explanation import Explanation
 from dexar.explorer import payload_from_explanations, write_run_explorer
 from dexar.explorer.adapter import filler_flags, placement
 from dexar.explorer.page import page_data
 from dexar.explorer.predict import contribution_values, page_name, read_sample_rows
 from dexar.explorer.synthetic import synthetic_run
-from dexar.module import ExplainerModule
-from dexar.report import report
+from dexar.pipeline.cli import main as cli_main
+from dexar.pipeline.module import ExplainerModule
+from dexar.pipeline.report.tables import report
 from tests.test_resume import Kill
 
 

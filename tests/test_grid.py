@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from dexar import grid
-from dexar.cli import main as cli_main
+from dexar.pipeline import experiments as grid
+from dexar.pipeline.cli import main as cli_main
 from train_eval import main
 
 GRID = {
@@ -30,7 +30,7 @@ def _config(tmp_path, grid_spec=GRID):
             },
         },
         "model": {
-            "class_path": "dexar.module.ExplainerModule",
+            "class_path": "dexar.pipeline.module.ExplainerModule",
             "init_args": {"methods": {"dexar": {"head_filter": "max"}, "attention": {}}},
         },
         "data": {"class_path": "datamodules.shapes.ShapesDataModule", "init_args": {"num_samples": 4}},

@@ -13,7 +13,7 @@ from datamodules.fixtures import drain, make_voc
 from datamodules.shapes import make_shapes_sample
 from datamodules.voc import PascalVOCQADataModule, qa_answer
 from dexar.labels import sample_token_labels, token_labels
-from dexar.shapes_model import build_shapes_tokenizer
+from dexar.shapes.model import build_shapes_tokenizer
 
 CORPUS = [
     "I see a bus as well as a car as well as a person",
@@ -112,7 +112,7 @@ def test_context_mirrors_the_llava_adapter_answer_tokens():
     import torch
 
     from dexar.adapters import get_adapter
-    from dexar.testing import random_llava
+    from dexar.testing.llava import random_llava
 
     model, processor = random_llava(hidden=16, layers=1, heads=2, grid=2, dtype=torch.float32)
     adapter = get_adapter(model, processor)

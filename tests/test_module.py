@@ -18,11 +18,11 @@ from datamodules.fixtures import make_imagenet
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.shapes import ShapesDataModule, ShapesDataset
 from dexar.adapters import DexarInputError
-from dexar.coverage import NothingEvaluatedError
 from dexar.explain import Explainer
 from dexar.methods import build_method
-from dexar.module import ExplainerModule
 from dexar.phase_timing import PhaseTotals, method_seconds
+from dexar.pipeline.coverage import NothingEvaluatedError
+from dexar.pipeline.module import ExplainerModule
 from dexar.schema import collate_samples
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dexar import grid
 from dexar.methods import build_method
-from dexar.report import TABLES
+from dexar.pipeline import experiments as grid
+from dexar.pipeline.report.tables import TABLES
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]

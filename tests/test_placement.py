@@ -22,14 +22,14 @@ from transformers import CLIPImageProcessorPil
 import metrics as M
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model
 from dexar.adapters import get_adapter
-from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.methods import DexAR, RawAttention
 from dexar.perturbation import upsample_map
+from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
 from dexar.plotting import blend, overlay
 from dexar.schema import Sample
-from dexar.testing import random_llava
-from dexar.testing_vlms import random_idefics3, random_llava_next, random_qwen2_vl
-from dexar.tiny_models import random_florence2, random_paligemma
+from dexar.testing.llava import random_llava
+from dexar.testing.tiny_models import random_florence2, random_paligemma
+from dexar.testing.vlms import random_idefics3, random_llava_next, random_qwen2_vl
 from metrics import functional as MF
 
 METHODS = {"dexar": DexAR(filler_filter=False), "attention": RawAttention()}
@@ -214,7 +214,7 @@ def test_evaluator_warns_once_when_no_metric_reports_the_unseen_mask(shapes, cap
     sample = two_object_sample()
     exp = explainer.explain_samples([sample])["dexar"][0]
     evaluator = Evaluator(explainer.adapter, {"dexar": {"epg": M.EnergyPointingGame()}})
-    with caplog.at_level(logging.WARNING, logger="dexar.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="dexar.pipeline.evaluation"):
         evaluator.update([sample], {"dexar": [exp]})
         evaluator.update([sample], {"dexar": [exp]})
     warnings = [r for r in caplog.records if "outside the model's view" in r.getMessage()]

@@ -10,10 +10,10 @@ import torch
 import metrics as M
 from datamodules.shapes import make_shapes_sample
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model
-from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.methods import build_method
 from dexar.perturbation import perturb
-from dexar.pooled_perturbation import CurveRequest, _Pool, pooled_curves
+from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
+from dexar.pipeline.pooled_perturbation import CurveRequest, _Pool, pooled_curves
 
 BUNDLED = (Path(SHAPES_CHECKPOINT) / "model.safetensors").exists()
 

@@ -15,10 +15,10 @@ import yaml
 
 from datamodules.fixtures import make_imagenet
 from dexar.adapters.florence2 import Florence2Adapter
-from dexar.cli import main as cli_main
-from dexar.paper_numbers import PAPER
-from dexar.report import TABLES, build_table, collect, display, format_value, report, to_markdown
-from dexar.tiny_models import random_florence2
+from dexar.pipeline.cli import main as cli_main
+from dexar.pipeline.report.paper_numbers import PAPER
+from dexar.pipeline.report.tables import TABLES, build_table, collect, display, format_value, report, to_markdown
+from dexar.testing.tiny_models import random_florence2
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_wandb_offline_run_gives_the_same_table(shapes_runs, tmp_path):
 
 
 def test_tick_values_are_round_and_a_wide_positive_range_gets_a_log_axis():
-    from dexar.report_plots import linear_ticks, log_ticks, tick_label, wants_log_axis
+    from dexar.pipeline.report.plots import linear_ticks, log_ticks, tick_label, wants_log_axis
 
     ticks = linear_ticks(0.18, 55.3)
     assert ticks == [0, 20, 40, 60] and [tick_label(t, 20) for t in ticks] == ["0", "20", "40", "60"]
@@ -163,7 +163,7 @@ def test_tick_values_are_round_and_a_wide_positive_range_gets_a_log_axis():
 
 
 def test_line_chart_draws_both_scales(tmp_path):
-    from dexar.report_plots import line_chart
+    from dexar.pipeline.report.plots import line_chart
 
     levels = [i / 10 for i in range(10)]
     series = {f"m{i}": (levels, [1 + i * p for p in levels]) for i in range(7)}
@@ -244,7 +244,7 @@ def test_florence2_table1b_run_finishes_with_na_cells(tmp_path, capsys, caplog):
     args += ["--data.init_args.root", str(tmp_path / "imagenet"), "--data.init_args.num_workers", "0"]
     args += ["--model.init_args.dtype", "float32", "--model.init_args.time_alone_batches", "0"]
     args += ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(runs)]
-    with caplog.at_level(logging.WARNING, logger="dexar.module"):
+    with caplog.at_level(logging.WARNING, logger="dexar.pipeline.module"):
         main([*args, *SMALL])
     refused = ["rollout", "gradcam", "chefercam", "iia"]
     warnings = [r for r in caplog.records if "cannot run on" in r.getMessage()]

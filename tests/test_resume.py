@@ -19,7 +19,7 @@ import metrics as M
 from callbacks import HeatmapWriter, Timing, WandbMedia, read_progress, read_shards
 from callbacks import heatmap_writer as hw
 from datamodules.shapes import ShapesDataModule
-from dexar.module import ExplainerModule
+from dexar.pipeline.module import ExplainerModule
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES, BATCH = 6, 2

@@ -13,7 +13,7 @@ import torch
 import metrics as M
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import SHAPES_CHECKPOINT
-from dexar.module import ExplainerModule
+from dexar.pipeline.module import ExplainerModule
 from tests.failing_metric import FailingAUC
 
 LEVELS = [0.0, 0.5]
@@ -44,7 +44,7 @@ def test_out_of_memory_halves_the_batch_keeps_every_timing_and_says_so_once(modu
     calls: list[int] = []
     monkeypatch.setattr(module, "_explain", _fake_explain(module, 2, calls))
     batch = [make_shapes_sample(i) for i in range(5)]
-    with caplog.at_level(logging.WARNING, logger="dexar.module"):
+    with caplog.at_level(logging.WARNING, logger="dexar.pipeline.module"):
         output = module._explain_batch(batch, 7)
     assert calls == [5, 3, 2, 1, 2]  # 5 → 3 + 2 → (2 + 1) + 2
     assert output.sample_ids == [s.id for s in batch]
@@ -75,7 +75,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(module, monkeypatch, caplo
         return real(samples, time_alone)
 
     monkeypatch.setattr(module, "_explain", explain)
-    with caplog.at_level(logging.WARNING, logger="dexar.module"):
+    with caplog.at_level(logging.WARNING, logger="dexar.pipeline.module"):
         output = module._explain_batch([make_shapes_sample(i) for i in range(4)], 3)
     assert calls == [4, 1, 1, 1, 1]  # one by one, not halved
     assert output.sample_ids == ["shapes-test-0", "shapes-test-2", "shapes-test-3"]

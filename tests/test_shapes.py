@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
-from dexar.shapes_model import COLORS, SHAPES, WORDS
+from dexar.shapes.model import COLORS, SHAPES, WORDS
 
 
 def test_same_index_same_sample_and_splits_differ():

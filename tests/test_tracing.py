@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dexar.adapters import DexarInputError, TeacherForcedBatch, get_adapter
-from dexar.reference import naive_layer_grads
+from dexar.testing.reference import naive_layer_grads
 from dexar.trace import DEFAULT_NEEDS, attention, hidden_grads_need, instrument
 from dexar.trace import run as run_trace
 from dexar.trace.plan import Capture, Input, make_plan

@@ -126,7 +126,7 @@ class VLMAdapter(abc.ABC):
     :attr:`batch_class`), the image geometry (:meth:`map_geometry`, :meth:`grid_key`) and the pixel
     views of the perturbation baselines (:meth:`pixel_view`, :meth:`repeat_sample`, :meth:`pool_view`).
 
-    Every family runs the conformance suite ``tests/adapter_checks.py::AdapterConformance`` by
+    Every family runs the conformance suite ``dexar/testing/adapter_checks.py::AdapterConformance`` by
     subclassing it. Instances wrap a loaded model and its processor.
     """
 

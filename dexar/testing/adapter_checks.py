@@ -1,7 +1,9 @@
-"""The adapter conformance suite every VLM family runs (:class:`AdapterConformance`, subclassed in each
-``tests/test_adapter_<family>.py``, as transformers' ``ModelTesterMixin``) and its checks: the declared
-contract, the batch layout, float64 exactness, padded batch == one by one, every method finite (the
-refused ones refused in one line), pixel views, ``load_model`` round trip."""
+"""The adapter conformance suite every VLM family runs and its checks.
+
+:class:`AdapterConformance` is subclassed in each ``tests/test_adapter_<family>.py``, as transformers'
+``ModelTesterMixin``. The checks: the declared contract, the batch layout, float64 exactness, padded
+batch == one by one, every method finite (the refused ones refused in one line), pixel views, ``load_model`` round trip.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from dexar.adapters import DexarInputError, get_adapter
 from dexar.adapters.base import ARCHITECTURES, VLMAdapter, method_requirements, need_key
 from dexar.explain import Explainer
 from dexar.methods import METHODS, DexAR, build_method
-from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.schema import Sample
+from dexar.testing.reference import naive_dexar, naive_layer_grads
 from dexar.trace import run as run_trace
 
 TOL = 1e-10

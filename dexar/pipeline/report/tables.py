@@ -18,7 +18,7 @@ trace shared by all methods of the run plus its own work). A method the model ca
 ``n/a (<reason>)``.
 
 Outputs: ``report.md`` (all tables), ``<table>.csv`` (same layout, raw keys), and PNGs of the mean
-perturbation curves and an overlay gallery (see :mod:`dexar.report_plots`). Under each table, links to the
+perturbation curves and an overlay gallery (see :mod:`dexar.pipeline.report.plots`). Under each table, links to the
 HTML explorer of each of its runs that has one (``<run>/explorer/index.html``, written by predict),
 relative to the report's directory.
 """
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dexar.paper_numbers import PAPER
 from dexar.phase_timing import method_seconds
-from dexar.report_names import display
+from dexar.pipeline.report.names import display
+from dexar.pipeline.report.paper_numbers import PAPER
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def read_results_dir(path: Path, name: str | None = None) -> Run:
 
 def read_wandb_dir(path: Path) -> Run:
     """A run from a W&B offline run directory (``offline-run-*``): CLI config and logged metrics."""
-    from callbacks.wandb_records import read_run
+    from dexar.pipeline.report.wandb_runs import read_run
 
     logged = read_run(path)
     cli = logged["config"].get("cli", {})
@@ -404,7 +404,7 @@ def explorer_links(runs: Sequence[Run], out: Path) -> str:
 
 def report(paths: Sequence[str | Path], out: str | Path, gallery_samples: int = 2) -> str:
     """Build every table with runs under ``paths``; write Markdown, CSVs and PNGs to ``out``; return the Markdown."""
-    from dexar.report_plots import draw_curves, draw_gallery
+    from dexar.pipeline.report.plots import draw_curves, draw_gallery
 
     runs = collect(paths)
     out = Path(out)

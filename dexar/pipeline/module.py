@@ -17,17 +17,23 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from dexar import jsonsafe
 from dexar.adapters import DexarInputError
-from dexar.coverage import NothingEvaluatedError, count_misses, unfed_reason, zero_count_lines, zero_count_reasons
-from dexar.distributed import gather_objects
-from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.explain import ANSWER_SOURCES, Explainer
 from dexar.explanation import Explanation
 from dexar.loading import load_model
 from dexar.methods import build_method
 from dexar.phase_timing import PhaseTotals
-from dexar.resume import (
+from dexar.pipeline import jsonsafe
+from dexar.pipeline.coverage import (
+    NothingEvaluatedError,
+    count_misses,
+    unfed_reason,
+    zero_count_lines,
+    zero_count_reasons,
+)
+from dexar.pipeline.distributed import gather_objects
+from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
+from dexar.pipeline.resume import (
     Contribution,
     Misses,
     Progress,
@@ -39,7 +45,7 @@ from dexar.resume import (
     sorted_ids,
 )
 from dexar.schema import Sample
-from dexar.shapes_model import SHAPES_CHECKPOINT
+from dexar.shapes.model import SHAPES_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +107,7 @@ class ExplainerModule(L.LightningModule):
     adds nothing to that method's metrics (:meth:`_evaluate`).
 
     A run in which nothing was evaluated (no sample explained, or no metric received a valid sample)
-    prints, per metric, why its count is 0 and raises :class:`~dexar.coverage.NothingEvaluatedError`
+    prints, per metric, why its count is 0 and raises :class:`~dexar.pipeline.coverage.NothingEvaluatedError`
     (a :class:`~dexar.adapters.DexarInputError`: one line, exit 1) after writing ``results.json``.
 
     Args:
@@ -114,7 +120,7 @@ class ExplainerModule(L.LightningModule):
         max_new_tokens: Generation budget.
         keep_eos: Explain the end-of-sequence token too.
         metrics: Metric name → torchmetrics object (copied per method).
-        localization_target: ``sequence`` or ``tokens`` (see :mod:`dexar.evaluation`).
+        localization_target: ``sequence`` or ``tokens`` (see :mod:`dexar.pipeline.evaluation`).
         perturbation_max_batch: Perturbed images per forward.
         perturbation_replacement: Replacement value of perturbed pixels (``pixel_values`` space).
         time_alone_batches: On this many first batches of each process, every method is also run on
@@ -152,7 +158,7 @@ class ExplainerModule(L.LightningModule):
         )
         for name, metric in (metrics or {}).items():
             check_resumable(metric, f"model.metrics.{name}")
-        # each sample is evaluated into fresh copies: its states are its contribution (dexar.resume)
+        # each sample is evaluated into fresh copies: its states are its contribution (dexar.pipeline.resume)
         self.metric_scratch = copy.deepcopy(self.metric_sets)
         self.contributions: dict[str, Contribution] = {}
         self.contribution_rows: dict[str, Rows] = {}
@@ -226,7 +232,7 @@ class ExplainerModule(L.LightningModule):
 
         Every rank skips the done samples and keeps the failures, unreadable records, metric
         contributions and timing of the shards it owns (``progress`` holds only those, see
-        :func:`dexar.resume.owner_rank`), so that each sample counts exactly once across processes.
+        :func:`dexar.pipeline.resume.owner_rank`), so that each sample counts exactly once across processes.
 
         Raises:
             ValueError: The shards were written with other settings (methods, metrics, model, ...).
@@ -280,7 +286,7 @@ class ExplainerModule(L.LightningModule):
         """Evaluate each explained sample into fresh metric copies and keep the states as its contribution.
 
         The batch's perturbed images of every method and sample are scored together first
-        (:meth:`dexar.evaluation.Evaluator.score`); their seconds are shared among the methods by their
+        (:meth:`dexar.pipeline.evaluation.Evaluator.score`); their seconds are shared among the methods by their
         number of samples scored. A (sample, method) whose evaluation raises (a NaN map, an empty
         answer, a failing metric) contributes nothing to that method's metrics; each of its metrics
         records ``evaluation failed: <error>`` as the sample's miss (kept in the shards, so a resumed

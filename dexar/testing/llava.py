@@ -12,7 +12,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from dexar.shapes_model import build_shapes_tokenizer
+from dexar.shapes.model import build_shapes_tokenizer
 
 
 def tiny_llama_config(

@@ -19,7 +19,7 @@ consume with an ``input_kind`` class attribute:
   grid spans the whole view), so the map is stretched over that view, never over the original image.
 
 Perturbation is the cost of evaluation. :meth:`Evaluator.score` scores every method's and every
-sample's perturbed images of a batch together (:func:`dexar.pooled_perturbation.pooled_curves`: full
+sample's perturbed images of a batch together (:func:`dexar.pipeline.pooled_perturbation.pooled_curves`: full
 forwards, shared end images once per sample, WebP encodes overlapping the forwards);
 ``EvaluationSettings(pooled=False)`` keeps the slow reference, one
 :func:`~dexar.perturbation.perturbation_curves` call per sample and method (the same values, tested
@@ -40,7 +40,7 @@ from dexar.adapters.base import VLMAdapter
 from dexar.explanation import Explanation
 from dexar.labels import sample_token_labels
 from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, PerturbationCurve
-from dexar.pooled_perturbation import CurveRequest, pooled_curves, reference_curves
+from dexar.pipeline.pooled_perturbation import CurveRequest, pooled_curves, reference_curves
 from dexar.schema import Sample
 
 LOCALIZATION_TARGETS = ("sequence", "tokens")

@@ -4,7 +4,7 @@ A metric's ``count`` is 0 when no sample could feed it (no masks, no word masks 
 ``localization_target: tokens``, no ground-truth answer, ...) or when every value was degenerate
 (NaN, counted in ``skipped``). The module records, per sample, method and metric, why the sample gave
 the metric no row (:func:`unfed_reason`, a diagnosis of the sample against the conditions of
-:class:`dexar.evaluation.Evaluator`), keeps it with the sample's metric contribution (it survives a
+:class:`dexar.pipeline.evaluation.Evaluator`), keeps it with the sample's metric contribution (it survives a
 resume) and, at the end of the run, prints one line per metric whose count is 0
 (:func:`zero_count_lines`). A run in which nothing was evaluated raises
 :class:`NothingEvaluatedError` after ``results.json`` is written.

@@ -33,8 +33,8 @@ from transformers import (
 )
 
 from dexar.adapters.processing import ImageTextProcessor
-from dexar.shapes_model import WORDS, build_shapes_tokenizer
-from dexar.testing import tiny_llama_config
+from dexar.shapes.model import WORDS, build_shapes_tokenizer
+from dexar.testing.llava import tiny_llama_config
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 

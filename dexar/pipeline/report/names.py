@@ -1,7 +1,7 @@
 """Paper-style names of run attributes (methods, models, datasets, switches).
 
-Shared by the report's tables (:mod:`dexar.report`) and figures (:mod:`dexar.report_plots`), so that
-neither imports the other's module back.
+Shared by the report's tables (:mod:`dexar.pipeline.report.tables`) and figures
+(:mod:`dexar.pipeline.report.plots`), so that neither imports the other's module back.
 """
 
 from __future__ import annotations

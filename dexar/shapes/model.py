@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-SHAPES_CHECKPOINT: str = str(Path(__file__).parent / "assets" / "shapes-llava")
+SHAPES_CHECKPOINT: str = str(Path(__file__).parents[1] / "assets" / "shapes-llava")
 """Path of the bundled, trained Shapes checkpoint (an HF directory ``from_pretrained`` loads)."""
 
 COLORS: dict[str, tuple[int, int, int]] = {

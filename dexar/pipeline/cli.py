@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dexar.adapters import DexarInputError
-from dexar.shapes_model import SHAPES_CHECKPOINT
+from dexar.shapes.model import SHAPES_CHECKPOINT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def _grid(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from dexar import grid
+    from dexar.pipeline import experiments as grid
 
     if args.sweep:
         Path(args.sweep).write_text(yaml.safe_dump(grid.sweep(args.config, args.extra), sort_keys=False))
@@ -82,7 +82,7 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dexar.report import report
+    from dexar.pipeline.report.tables import report
 
     print(report(args.runs, args.out, args.samples))
     print(f"\nwrote {Path(args.out) / 'report.md'} (+ CSV and PNG files)")

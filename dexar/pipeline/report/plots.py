@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
+from dexar.pipeline.report.names import display
+from dexar.pipeline.resume import natural_key
 from dexar.plotting import TRANSPARENT_BELOW, colour_bar, fit, font
-from dexar.report_names import display
-from dexar.resume import natural_key
 
 if TYPE_CHECKING:
-    from dexar.report import Run, TableSpec
+    from dexar.pipeline.report.tables import Run, TableSpec
 
 PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

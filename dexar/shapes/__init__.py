@@ -1,0 +1,1 @@
+"""The bundled Shapes model: architecture, vocabulary and checkpoint location."""
