@@ -1,6 +1,6 @@
 """The adapter conformance suite every VLM family runs and its checks.
 
-:class:`AdapterConformance` is subclassed in each ``tests/test_adapter_<family>.py``, as transformers'
+:class:`AdapterConformance` is subclassed in each ``tests/adapters/test_adapter_<family>.py``, as transformers'
 ``ModelTesterMixin``. The checks: the declared contract, the batch layout, float64 exactness, padded
 batch == one by one, every method finite (the refused ones refused in one line), pixel views, ``load_model`` round trip.
 """

@@ -16,7 +16,7 @@ from datamodules.imagenet_c import PAPER_CORRUPTIONS
 from dexar.shapes.model import SHAPES_CHECKPOINT
 from train_eval import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES = {
     "imagenet": ("ImageNetDataModule", lambda p: make_imagenet(p, "flat")),
     "vqav2": ("VQAv2DataModule", make_vqav2),

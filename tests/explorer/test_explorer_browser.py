@@ -33,7 +33,7 @@ from dexar.explorer.synthetic import synthetic_payload, synthetic_run
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("DEXAR_TEST_ARTIFACTS", ROOT / "test-artifacts" / "explorer"))
 CHROMIUM = os.environ.get("DEXAR_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DEXAR_CHROMEDRIVER", "/usr/bin/chromedriver")

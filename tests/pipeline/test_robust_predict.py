@@ -14,7 +14,7 @@ import metrics as M
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import SHAPES_CHECKPOINT
 from dexar.pipeline.module import ExplainerModule
-from tests.failing_metric import FailingAUC
+from tests.pipeline.failing_metric import FailingAUC
 
 LEVELS = [0.0, 0.5]
 

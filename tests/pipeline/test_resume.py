@@ -21,7 +21,7 @@ from callbacks import heatmap_writer as hw
 from datamodules.shapes import ShapesDataModule
 from dexar.pipeline.module import ExplainerModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_SAMPLES, BATCH = 6, 2
 
 

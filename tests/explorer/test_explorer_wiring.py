@@ -26,7 +26,7 @@ from dexar.explorer.synthetic import synthetic_run
 from dexar.pipeline.cli import main as cli_main
 from dexar.pipeline.module import ExplainerModule
 from dexar.pipeline.report.tables import report
-from tests.test_resume import Kill
+from tests.pipeline.test_resume import Kill
 
 
 def _page_json(text: str, key: str = "dx-data") -> dict:

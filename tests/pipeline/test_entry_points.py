@@ -22,7 +22,7 @@ from dexar.adapters import DexarInputError
 from dexar.pipeline.module import ExplainerModule
 from train_eval import main, spawned_user_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "configs" / "data"
 NOISE = ("LeafSpec", "💡 Tip", "past_key_values", "Images sizes do not match")
 """Messages a user cannot act on that no run may print (issue 13.11)."""

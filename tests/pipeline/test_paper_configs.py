@@ -14,7 +14,7 @@ from dexar.pipeline import experiments as grid
 from dexar.pipeline.report.tables import TABLES
 from train_eval import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "configs" / "paper"
 CONFIGS = sorted(PAPER.rglob("*.yaml"))
 HUB_IDS = {  # appendix B of the paper

@@ -21,7 +21,7 @@ from dexar.pipeline.report.tables import TABLES, build_table, collect, display, 
 from dexar.testing.tiny_models import random_florence2
 from train_eval import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "configs" / "paper" / "shapes"
 SMALL = [
     "--data.init_args.num_samples",
