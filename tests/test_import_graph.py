@@ -122,3 +122,71 @@ def test_the_tracer_knows_no_methods_and_its_runners_not_each_other():
     shared = {name for name in trace if name not in ("dexar.trace", "dexar.trace.decoder", "dexar.trace.cross")}
     for name in shared:  # the shared modules import neither runner
         assert not {"dexar.trace", "dexar.trace.decoder", "dexar.trace.cross"} & graph[name], name
+
+
+# The library (everything under dexar/ but the pipeline) runs without Lightning and without the experiment packages.
+FORBIDDEN_IN_LIBRARY = ("lightning", "pytorch_lightning", "callbacks", "datamodules", "metrics", "train_eval")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (lazy ones included, ``TYPE_CHECKING`` ones not)."""
+    names = set()
+    for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def layering_violations(root: Path = ROOT) -> list[str]:
+    """``module imports name`` for each forbidden edge: library → pipeline/experiment packages, testing → pipeline."""
+    found = []
+    for name, path in _modules(root, "dexar").items():
+        if name == "dexar.pipeline" or name.startswith("dexar.pipeline."):
+            continue
+        banned = FORBIDDEN_IN_LIBRARY + ("dexar.pipeline",)
+        for imported in sorted(imported_names(path)):
+            if any(imported == b or imported.startswith(b + ".") for b in banned):
+                found.append(f"{name} imports {imported}")
+    return found
+
+
+def test_the_layering_reader_catches_a_forbidden_import(tmp_path):
+    """The rule itself: a lazy ``lightning`` import in the library and a testing → pipeline edge are both caught."""
+    (tmp_path / "dexar" / "testing").mkdir(parents=True)
+    (tmp_path / "dexar" / "pipeline").mkdir()
+    (tmp_path / "dexar" / "explain.py").write_text("def f():\n    import lightning.pytorch as pl\n")
+    (tmp_path / "dexar" / "testing" / "kit.py").write_text("from dexar.pipeline.module import ExplainerModule\n")
+    (tmp_path / "dexar" / "pipeline" / "module.py").write_text("import lightning\nimport datamodules.common\n")
+    (tmp_path / "dexar" / "typed.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from callbacks import Timing\n"
+    )
+    assert layering_violations(tmp_path) == [
+        "dexar.explain imports lightning.pytorch",
+        "dexar.testing.kit imports dexar.pipeline.module",
+    ]
+
+
+def test_the_library_never_imports_the_pipeline():
+    """dexar/ minus dexar/pipeline/ (dexar/testing/ included) imports no Lightning, callbacks, datamodules,
+    metrics, train_eval or dexar.pipeline: ``import dexar`` works without the experiment stack."""
+    assert layering_violations() == []
+
+
+def test_the_library_imports_with_lightning_blocked():
+    """The static rule, run: every library module imports in a fresh interpreter where ``lightning`` cannot load."""
+    import subprocess
+    import sys
+
+    modules = sorted(n for n in _modules(ROOT, "dexar") if not n.startswith("dexar.pipeline"))
+    code = (
+        "import importlib, sys\n"
+        "for banned in ('lightning', 'pytorch_lightning', 'callbacks', 'datamodules', 'train_eval'):\n"
+        "    sys.modules[banned] = None\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert 'lightning' not in sys.modules or sys.modules['lightning'] is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
