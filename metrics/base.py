@@ -111,6 +111,10 @@ class CurveMeanMetric(SampleMeanMetric):
                 raise ValueError(f"curves have {curve.shape[1]} levels, the metric was built for {self.levels.numel()}")
             setattr(self, name, getattr(self, name) + torch.where(ok[:, None], curve, 0.0).sum(0))
 
+    def mean_curve(self) -> tuple[torch.Tensor, ...]:
+        """``(levels, *mean curves)``: per level, the mean of each curve state over valid samples, across processes."""
+        return (self.levels, *self._mean_curves())
+
     def _mean_curves(self) -> tuple[torch.Tensor, ...]:
         def read() -> tuple[torch.Tensor, ...]:
             count = self.count.clamp(min=1) if self.count > 0 else torch.tensor(torch.nan, dtype=self.dtype)

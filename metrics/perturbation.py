@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
+from dexar.perturbation import FULL_LEVELS, PerturbationCurve
+from dexar.perturbation import REMOVAL_LEVELS as PERTURBATION_LEVELS
 from metrics import functional as MF
 from metrics.base import CurveMeanMetric
 
-PERTURBATION_LEVELS = tuple(i / 10 for i in range(10))
-"""The paper's grid of the positive/negative test: 0, 0.1, …, 0.9."""
-FULL_LEVELS = tuple(i / 10 for i in range(11))
-"""0, 0.1, …, 1.0: default grid of deletion, insertion and PIC."""
+__all__ = ["FULL_LEVELS", "PERTURBATION_LEVELS"]  # the level grids are defined once, in dexar.perturbation
 
 
 class PerturbationAUC(CurveMeanMetric):
@@ -40,9 +39,9 @@ class PerturbationAUC(CurveMeanMetric):
         """``(N, L)`` (or ``(L,)``) normalized perplexities on the metric's levels."""
         self._add_curves(MF.perturbation_auc(nppl, self.levels), nppl_total=nppl)
 
-    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(levels, mean NPPL per level)`` over valid samples, across processes."""
-        return self.levels, self._mean_curves()[0]
+    def update_curve(self, curve: PerturbationCurve) -> None:
+        """One sample's curve: its perplexities normalized by the original image's."""
+        self.update(curve.nppl[None])
 
 
 class NegativePerturbationAUC(PerturbationAUC):
@@ -83,9 +82,9 @@ class _EndNormalizedAUC(CurveMeanMetric):
         curve = self._curve(ppl)
         self._add_curves(MF.perturbation_auc(curve, self.levels), curve_total=curve)
 
-    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(levels, mean normalized perplexity per level)`` over valid samples, across processes."""
-        return self.levels, self._mean_curves()[0]
+    def update_curve(self, curve: PerturbationCurve) -> None:
+        """One sample's curve: its raw perplexities (both end images are on it)."""
+        self.update(curve.ppl[None])
 
 
 class DeletionAUC(_EndNormalizedAUC):
@@ -119,6 +118,8 @@ class InsertionAUC(_EndNormalizedAUC):
 class PICAUC(CurveMeanMetric):
     """Mean PIC-AUC (:func:`metrics.functional.pic_auc`); higher is better.
 
+    Its mean curve is ``(levels, mean normalized size, mean normalized perplexity gain)``.
+
     Args:
         levels: The level grid (must start at 0, fully obscured, and end at 1, the original).
         monotone: Running maximum of the perplexity gain (as in the original PIC).
@@ -140,7 +141,6 @@ class PICAUC(CurveMeanMetric):
         x, y = MF.pic_curve(ppl, sizes, self.monotone)
         self._add_curves(MF.pic_auc(ppl, sizes, self.monotone), x_total=x, y_total=y)
 
-    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(levels, mean normalized size, mean normalized perplexity gain)`` per level, valid samples."""
-        x, y = self._mean_curves()
-        return self.levels, x, y
+    def update_curve(self, curve: PerturbationCurve) -> None:
+        """One sample's curve: perplexities and the revealed images' lossless-WebP sizes."""
+        self.update(curve.ppl[None], curve.webp_sizes[None])

@@ -1,7 +1,8 @@
 """Feed evaluation metrics from explanations and their samples (localization, filler, perturbation).
 
 ``dexar`` does not import ``metrics``: metric objects arrive from the caller and declare what they
-consume with an ``input_kind`` class attribute:
+consume with an ``input_kind`` class attribute; :data:`FEEDERS` maps each kind (the part before ``:``)
+to the function that feeds its metrics:
 
 * ``localization`` — ``update(maps, masks, ignore, seen=seen)`` with maps placed on the mask's pixels
   through the model's view (:meth:`dexar.Explanation.upsample`: zero where the model saw nothing) and
@@ -13,7 +14,9 @@ consume with an ``input_kind`` class attribute:
 * ``filler`` — ``update([token_weights], [content_mask], [map_mass])`` with per-token content labels
   (an explained end-of-sequence token counts as filler) and the mass of each token's min-max map;
 * ``perturbation:<mode>`` (mode in :data:`dexar.perturbation.MODES`) — curves of the ground-truth
-  answer's perplexity over the metric's ``levels``, all modes of one sample and method scored together.
+  answer's perplexity over the metric's ``levels``, all modes of one sample and method scored together;
+  each metric maps its mode's :class:`~dexar.perturbation.PerturbationCurve` to its own ``update``
+  (``update_curve(curve)``), so a new mode needs no change here.
   Perturbation ranks and edits ``pixel_values``, the model's own view (e.g. LLaVA-1.5's center crop),
   on which the grid lies exactly for every family that supports it (LLaVA, PaliGemma, Florence-2: the
   grid spans the whole view), so the map is stretched over that view, never over the original image.
@@ -30,7 +33,7 @@ to 1e-6). A (sample, method) that cannot be scored (a NaN map, an empty answer) 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +51,42 @@ LOCALIZATION_TARGETS = ("sequence", "tokens")
 log = logging.getLogger(__name__)
 
 
+Feed = Callable[["Evaluator", str, list[str], Sample, Explanation, "dict[str, PerturbationCurve] | None"], None]
+"""``feed(evaluator, label, metric_names, sample, explanation, curves)``: update those metrics with one sample."""
+
+FEEDERS: dict[str, Feed] = {}
+"""Input kind (before ``:``) → its feeder, in the order a sample's metrics are updated."""
+
+KIND_MODES: dict[str, tuple[str, ...]] = {"perturbation": MODES}
+"""Kinds written ``<kind>:<mode>`` and their modes."""
+
+
+def feeder(kind: str) -> Callable[[Feed], Feed]:
+    """Register the function that feeds the metrics of input kind ``kind``."""
+
+    def register(feed: Feed) -> Feed:
+        FEEDERS[kind] = feed
+        return feed
+
+    return register
+
+
+def known_kinds() -> tuple[str, ...]:
+    """Every valid ``input_kind``: plain kinds and ``<kind>:<mode>`` ones."""
+    return tuple(k2 for k in FEEDERS for k2 in ([f"{k}:{m}" for m in KIND_MODES[k]] if k in KIND_MODES else [k]))
+
+
 def metric_kind(name: str, metric: Any) -> str:
     """The ``input_kind`` of a metric, with a clear error for metrics that declare none."""
     kind = getattr(metric, "input_kind", None)
-    known = ("localization", "filler") + tuple(f"perturbation:{m}" for m in MODES)
+    known = known_kinds()
     if kind not in known:
         raise ValueError(f"metric {name!r} ({type(metric).__name__}) has input_kind {kind!r}; expected one of {known}")
     return kind
+
+
+def _family(kind: str) -> str:
+    return kind.split(":", 1)[0]
 
 
 @dataclass
@@ -197,26 +229,10 @@ class Evaluator:
         if isinstance(curves, Exception):
             raise curves
         kinds = self.kinds[label]
-        group = self.metrics[label]
-        loc = [n for n, k in kinds.items() if k == "localization"]
-        if loc and sample.masks is not None:
-            maps, masks, ignore, seen, ids = self._localization_inputs(sample, exp)
-            if maps is not None:
-                for name in loc:
-                    group[name].update(maps, masks, ignore, seen=seen)
-                    self.rows[label][name] += ids
-                self._warn_unseen(label, [group[n] for n in loc], sample.id, masks, ignore, seen)
-        fill = [n for n, k in kinds.items() if k == "filler"]
-        if fill and sample.word_is_content is not None and sample.answer is not None:
-            content = self._filler_labels(sample, exp)
-            if content is not None:
-                mass = exp.token_maps.double().flatten(1).sum(1)  # Σ_pixels of each min-max map E_t
-                for name in fill:
-                    group[name].update([exp.token_weights.double()], [content], [mass])
-                    self.rows[label][name].append(sample.id)
-        pert = self._perturbation_modes(label)
-        if pert and sample.answer is not None:
-            self._perturbation(label, sample, exp, pert, curves)
+        for kind, feed in FEEDERS.items():
+            names = [n for n, k in kinds.items() if _family(k) == kind]
+            if names:
+                feed(self, label, names, sample, exp, curves)
 
     def _filler_labels(self, sample: Sample, exp: Explanation) -> torch.Tensor | None:
         """Per-token content flags of the explained tokens, or ``None`` when they are not the ground truth.
@@ -279,32 +295,58 @@ class Evaluator:
                 sample_id,
             )
 
-    def _perturbation(
-        self,
-        label: str,
-        sample: Sample,
-        exp: Explanation,
-        modes: dict[str, str],
-        curves: dict[str, PerturbationCurve] | None = None,
-    ) -> None:
-        group = self.metrics[label]
-        if curves is None:
-            settings = self.settings
-            curves = reference_curves(
-                self.adapter,
-                self._request(label, sample, exp, modes),
-                settings.max_batch,
-                settings.replacement,
-                settings.blur_sigma,
-                settings.rank_levels,
-            )
-        for name, mode in modes.items():
-            curve = curves[mode]
-            metric = group[name]
-            if mode in ("positive", "negative"):
-                metric.update(curve.nppl[None])
-            elif mode == "pic":
-                metric.update(curve.ppl[None], curve.webp_sizes[None])
-            else:  # deletion, insertion: both end images are on the curve
-                metric.update(curve.ppl[None])
-            self.rows[label][name].append(sample.id)
+
+
+@feeder("localization")
+def _feed_localization(ev: Evaluator, label: str, names: list[str], sample: Sample, exp: Explanation, _curves) -> None:
+    """Placed maps against the sample's masks (sequence or per-token target), seen pixels only."""
+    if sample.masks is None:
+        return
+    group = ev.metrics[label]
+    maps, masks, ignore, seen, ids = ev._localization_inputs(sample, exp)
+    if maps is not None:
+        for name in names:
+            group[name].update(maps, masks, ignore, seen=seen)
+            ev.rows[label][name] += ids
+        ev._warn_unseen(label, [group[n] for n in names], sample.id, masks, ignore, seen)
+
+
+@feeder("filler")
+def _feed_filler(ev: Evaluator, label: str, names: list[str], sample: Sample, exp: Explanation, _curves) -> None:
+    """Token weights, content/filler labels of the ground-truth answer and each token map's mass."""
+    if sample.word_is_content is None or sample.answer is None:
+        return
+    content = ev._filler_labels(sample, exp)
+    if content is not None:
+        mass = exp.token_maps.double().flatten(1).sum(1)  # Σ_pixels of each min-max map E_t
+        for name in names:
+            ev.metrics[label][name].update([exp.token_weights.double()], [content], [mass])
+            ev.rows[label][name].append(sample.id)
+
+
+@feeder("perturbation")
+def _feed_perturbation(
+    ev: Evaluator,
+    label: str,
+    names: list[str],
+    sample: Sample,
+    exp: Explanation,
+    curves: dict[str, PerturbationCurve] | None,
+) -> None:
+    """Each metric's mode curve (pooled by :meth:`Evaluator.score`, else scored here) to its ``update_curve``."""
+    if sample.answer is None:
+        return
+    modes = ev._perturbation_modes(label)
+    if curves is None:
+        settings = ev.settings
+        curves = reference_curves(
+            ev.adapter,
+            ev._request(label, sample, exp, modes),
+            settings.max_batch,
+            settings.replacement,
+            settings.blur_sigma,
+            settings.rank_levels,
+        )
+    for name in names:
+        ev.metrics[label][name].update_curve(curves[modes[name]])
+        ev.rows[label][name].append(sample.id)

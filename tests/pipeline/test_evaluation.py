@@ -128,3 +128,19 @@ def test_filler_snr_is_fed_weight_times_map_mass_and_differs_between_head_filter
         if label.endswith("False"):
             assert abs(mean) > 0.01, label  # λ = 1 but the maps' masses differ: not 0 dB (a ratio of 1)
     assert len({round(m, 9) for m in means.values()}) == len(means), means  # every setting its own SNR
+
+
+def test_every_metric_kind_has_a_feeder_and_every_perturbation_metric_maps_its_curve():
+    """The registry covers the metrics package: each input_kind is known, each perturbation metric owns update_curve."""
+    import inspect
+
+    import metrics
+    from dexar.pipeline.evaluation import FEEDERS, known_kinds
+
+    assert list(FEEDERS) == ["localization", "filler", "perturbation"]
+    classes = [c for _, c in inspect.getmembers(metrics, inspect.isclass) if getattr(c, "input_kind", None)]
+    assert len(classes) >= 10
+    for cls in classes:
+        assert cls.input_kind in known_kinds(), cls
+        if cls.input_kind.startswith("perturbation:"):
+            assert callable(getattr(cls, "update_curve", None)), cls
