@@ -172,6 +172,8 @@ class DexarCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # explanations need gradients: no config has to repeat it (a config or flag may still set True)
+        parser.set_defaults({"trainer.inference_mode": False})
         parser.add_argument(
             "--experiment",
             type=dict[str, Any] | None,

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
+from torchmetrics import Metric
 
 from dexar.adapters import DexarInputError
 from dexar.explain import ANSWER_SOURCES, Explainer
@@ -137,7 +138,7 @@ class ExplainerModule(L.LightningModule):
         answer_source: str = "generate",
         max_new_tokens: int = 32,
         keep_eos: bool = False,
-        metrics: dict[str, Any] | None = None,
+        metrics: dict[str, Metric] | None = None,
         localization_target: str = "sequence",
         perturbation_max_batch: int = 16,
         perturbation_replacement: float = 0.0,

@@ -175,3 +175,17 @@ def test_run_directory_is_the_one_place_under_ddp_spawn_and_quiet(tmp_path):
     _assert_whole_run_in(run)
     output = done.stdout + done.stderr
     assert not [n for n in NOISE if n in output], output[-3000:]
+
+
+def test_the_cli_defaults_to_inference_mode_off_and_validates_metric_names(capsys):
+    """No config repeats ``inference_mode: false`` (the CLI's default); a misspelt metric class fails at parse
+    time with an error naming the ``metrics`` key and the class path."""
+    assert not any("inference_mode" in p.read_text() for p in (ROOT / "configs").rglob("*.yaml"))
+    base = ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false"]
+    cli = main(base, run=False)
+    assert cli.trainer.predict_loop.inference_mode is False
+    assert all(hasattr(m, "update") for m in cli.model.metric_sets["dexar"].values())
+    with pytest.raises(SystemExit):
+        main([*base, "--model.init_args.metrics", "{soft: {class_path: metrics.SoftIOU}}"], run=False)
+    err = capsys.readouterr().err
+    assert 'Parser key "metrics"' in err and "metrics.SoftIOU" in err
