@@ -40,9 +40,9 @@ class Rise:
     paper divides by ``N·E[M]``): a log-likelihood is negative and its offset would otherwise leak
     the masks' coverage noise into the map; the masks are the same for every sample (seeded), so a
     sample's map does not depend on its batch. One forward per ``batch_size`` masked copies of a
-    sample gives every token's score at once. The default, 16 masks, keeps RISE under the paper's
-    cost ratio (16.6× DEX-AR; one masked forward ≈ 0.8× DEX-AR: 12.0–14.7× measured by
-    ``benchmarks/methods.py``). RISE's own papers use thousands, and the maps keep improving with
+    sample gives every token's score at once. The default, 16 masks, is chosen to keep RISE under the
+    paper's cost ratio (16.6× DEX-AR; the measured ratio is in the README, from ``benchmarks/methods.py``).
+    RISE's own papers use thousands, and the maps keep improving with
     ``num_masks`` (cost linear in it): on 200 Shapes images, POS AUC 20.7 / 28.3 / 42.8 / 56.3 at
     16 / 32 / 128 / 512 masks (``configs/ablations/baseline_budgets.yaml``).
 
