@@ -27,6 +27,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from torch.multiprocessing.spawn import ProcessRaisedException
 
+from callbacks.variant_record import VariantRecord
 from datamodules.common import BenchmarkDataModule, DatasetLayoutError
 from dexar.adapters import ADAPTERS, DexarInputError
 from dexar.loading import resolve_dtype
@@ -191,7 +192,7 @@ class DexarCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
-            apply_variant(config, write=self.subcommand == "predict")
+            self.variant_record = apply_variant(config)
         except GridError as err:  # one line, no traceback: the message names the file and key at fault
             raise SystemExit(f"error: {err}") from None
         place_run_files(config)
@@ -206,6 +207,8 @@ class DexarCLI(LightningCLI):
                 # without this their media go to ./wandb
                 os.environ["WANDB_DIR"] = str(Path(root).resolve())
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict" and getattr(self, "variant_record", None) is not None:
+            trainer.callbacks.append(VariantRecord(self.variant_record))  # variant.json, when the run starts
         if self.subcommand == "predict":
             # every result is in the run directory (shards, results.json); returned predictions would keep
             # every explanation of the run in memory on every process (LightningCLI keeps them under DDP)

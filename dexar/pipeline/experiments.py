@@ -193,12 +193,13 @@ def variant_record(config_paths: Sequence[str], experiment: Mapping[str, Any], v
     )
 
 
-def apply_variant(config: Any, write: bool = False) -> dict[str, Any] | None:
+def apply_variant(config: Any) -> dict[str, Any] | None:
     """Apply ``config.variant`` (``{axis: label}``) to a parsed LightningCLI config, in place.
 
     Sets the variant's dotted keys, moves the run to ``<default_root_dir>/<slug>`` and, with a
     ``WandbLogger``, saves W&B files there, names the run ``<table>/<slug>`` and adds the table and one
-    ``axis=label`` tag per setting. With ``write=True`` the run directory gets ``variant.json``.
+    ``axis=label`` tag per setting. Writes nothing: ``callbacks.VariantRecord`` writes the returned record
+    as the run directory's ``variant.json`` when the run starts.
 
     Returns:
         The ``variant.json`` record, or ``None`` when the config has no ``experiment`` section.
@@ -232,9 +233,6 @@ def apply_variant(config: Any, write: bool = False) -> dict[str, Any] | None:
         tags += [t for t in [table, *(f"{k}={v}" for k, v in variant.items())] if t not in tags]
         args.tags = tags
     record = json.loads(variant_record(sources, experiment, variant))
-    if write:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "variant.json").write_text(json.dumps(record, indent=2))
     if axes and not variant:
         count = len(variants(axes))
         print(f"{source}: grid of {count} variants; this run is the base config. List them: dexar grid {source}")

@@ -130,3 +130,27 @@ def test_dexar_grid_writes_a_wandb_sweep(tmp_path):
 def test_variant_record_places_the_run(tmp_path):
     record = json.loads(grid.variant_record(["c.yaml"], {"table": "table3", "attrs": {"dataset": "x"}}, {"a": "1"}))
     assert record == {"configs": ["c.yaml"], "table": "table3", "attrs": {"dataset": "x"}, "variant": {"a": "1"}}
+
+
+def test_predict_writes_variant_json_through_a_callback(tmp_path, monkeypatch):
+    """``variant.json`` comes from the VariantRecord callback when the run starts, never from parsing."""
+    from lightning.pytorch import Trainer
+
+    from callbacks import VariantRecord
+
+    def start_only(self, *args, **kwargs):  # the record's setup hook, without explaining anything
+        records = [c for c in self.callbacks if isinstance(c, VariantRecord)]
+        assert len(records) == 1
+        records[0].setup(self, None, "predict")
+
+    monkeypatch.setattr(Trainer, "predict", start_only)
+    spec = {"relu": {"key": "model.init_args.methods.dexar.relu", "values": [False]}}  # the bundled model
+    args = ["--config", str(_config(tmp_path, spec)), "--variant.relu", "false", "--trainer.logger", "false"]
+    cli = main(args, run=False)
+    assert not any(isinstance(c, VariantRecord) for c in cli.trainer.callbacks)
+    assert not (tmp_path / "runs").exists()
+    main(["predict", *args])
+    written = list((tmp_path / "runs").rglob("variant.json"))
+    assert len(written) == 1 and written[0].parent.name == "relu-false"
+    record = json.loads(written[0].read_text())
+    assert record["table"] == "table3" and record["variant"] == {"relu": "false"}
