@@ -41,7 +41,7 @@ class ShapesFitModule(L.LightningModule):
         min_lr_ratio: float = 0.03,
         init_seed: int = 0,
         output_dir: str = SHAPES_CHECKPOINT,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

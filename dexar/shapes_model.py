@@ -1,13 +1,17 @@
 """The bundled Shapes VLM: a real ``LlavaForConditionalGeneration`` small enough to train on a CPU.
 
-It has a word-level tokenizer (``tokenizers`` WordLevel model wrapped in ``PreTrainedTokenizerFast``)
-and the PIL CLIP image processor, so ``AutoProcessor``/``AutoModelForImageTextToText`` load the saved
-directory like any LLaVA checkpoint.
+It is built like LLaVA-1.5 at a small scale: a SentencePiece-style BPE wrapped as ``LlamaTokenizerFast``
+(:mod:`dexar.shapes_tokenizer`), the LLaVA-1.5 prompt template, and ``llava-hf``'s CLIP image
+processing (resize the shortest edge, center crop, CLIP mean/std) at 64 pixels, so
+``AutoProcessor``/``AutoModelForImageTextToText`` load the saved directory like any LLaVA checkpoint.
+This module also defines the Shapes language (colours, shapes, prompts, caption grammar).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -34,6 +38,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CAPTION_PROMPT = "describe the image."
+COLOR_QUESTION = "what color is the {shape}?"
+SHAPE_QUESTION = "what shape is the {color} object?"
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = [
@@ -59,8 +69,17 @@ WORDS = [
 ]
 
 
-def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the Shapes vocabulary, adding ``<s>`` in front."""
+def caption(objects: Sequence[tuple[str, str]]) -> str:
+    """The caption of ``(colour, shape)`` objects listed left to right: ``i see a red circle and a blue square``."""
+    return " and ".join([f"i see a {c} {s}" if not k else f"a {c} {s}" for k, (c, s) in enumerate(objects)])
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over the Shapes words (:data:`WORDS`), adding ``<s>`` in front.
+
+    One word is one token: the random test models use it (:mod:`dexar.testing`); the bundled model has
+    the sub-word tokenizer of :mod:`dexar.shapes_tokenizer`.
+    """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -81,21 +100,36 @@ def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_shapes_processor() -> LlavaProcessor:
-    """The LLaVA processor of the Shapes model: word tokenizer + 64×64 CLIP preprocessing."""
+    """The LLaVA processor of the Shapes model: sub-word BPE + ``llava-hf``'s CLIP preprocessing at 64 pixels.
+
+    The image processor is configured as ``llava-hf/llava-1.5-7b-hf``'s (bicubic resize of the shortest
+    edge, center crop, rescale, CLIP mean/std) with 64 in place of 336.
+    """
+    from dexar.shapes_tokenizer import train_shapes_tokenizer  # it imports the Shapes language defined here
+
     image_processor = CLIPImageProcessorPil(
+        do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_shapes_tokenizer(),
+        tokenizer=train_shapes_tokenizer(),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
 
-def build_shapes_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_shapes_config(tokenizer: Any) -> LlavaConfig:
     """LLaVA config: CLIP tower (hidden 128, 4 layers) → GELU projector → Llama (hidden 128, 3 layers)."""
     vision = CLIPVisionConfig(
         hidden_size=128,

@@ -12,7 +12,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from dexar.shapes_model import build_shapes_tokenizer
+from dexar.shapes_model import build_word_tokenizer
 
 
 def tiny_llama_config(
@@ -67,7 +67,7 @@ def random_llava(
         attn_implementation: Attention implementation of every sub-model.
 
     """
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = build_word_tokenizer()
     side = grid * patch
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,

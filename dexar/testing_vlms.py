@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from dexar.adapters.processing import ImageTextProcessor
-from dexar.shapes_model import WORDS, build_shapes_tokenizer
+from dexar.shapes_model import WORDS, build_word_tokenizer
 from dexar.testing import tiny_llama_config
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -174,7 +174,7 @@ def random_llava_next(
 
     Grid pinpoints: 1×2, 2×1 and 2×2 tiles, so the tile layout depends on the image's aspect ratio.
     """
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = build_word_tokenizer()
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     vision = CLIPVisionConfig(
         hidden_size=32,
