@@ -68,6 +68,24 @@ def view_box(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[float, fl
     return (0.0, start, float(width), end)
 
 
+def view_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A ``(H, W)`` image-geometry mask as the model sees it: ``(size, size)`` boolean.
+
+    The same geometry as :func:`view_box` (short side resized to ``size``, here bilinearly as a
+    fraction of each pixel, then the ``size × size`` center crop), thresholded at one half. Square
+    ``size × size`` masks come back unchanged.
+    """
+    height, width = mask.shape
+    short, long = min(width, height), max(width, height)
+    resized = int(size * long / short)
+    new = (resized, size) if width >= height else (size, resized)
+    fraction = Image.fromarray(mask.astype(np.float32), mode="F")
+    if fraction.size != new:
+        fraction = fraction.resize(new, Image.Resampling.BILINEAR)
+    top, left = (new[1] - size) // 2, (new[0] - size) // 2
+    return np.asarray(fraction)[top : top + size, left : left + size] > 0.5
+
+
 def _shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
     """Boolean ``(height, width)`` mask of one shape centred at ``(cx, cy)`` with radius ``r``."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
@@ -340,6 +358,6 @@ class ShapesDataModule(L.LightningDataModule):
 
 
 def shapes_area_fraction(samples: list[Sample]) -> float:
-    """Mean fraction of the image covered by the object a content word names (EPG chance level)."""
-    fracs = [float(m.mean()) for s in samples if s.masks is not None for m in s.masks]
+    """Mean fraction of the model's view covered by the object a content word names (EPG chance level)."""
+    fracs = [float(view_mask(m).mean()) for s in samples if s.masks is not None for m in s.masks]
     return float(torch.tensor(fracs).mean()) if fracs else 0.0
