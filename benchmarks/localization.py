@@ -1,9 +1,10 @@
 """Localization of content-token maps on held-out Shapes images (EPG against the named object's mask).
 
-For every content token (colour or shape word) of the ground-truth caption, its token map is
-upsampled (bilinear) to 64×64 and scored with the Energy Pointing Game against the mask of the
-object it names. Chance is the mean area fraction of those objects. Rows: DEX-AR (all layers and
-each layer alone) and raw attention (Σ_l mean_h A[p_t, V], and each layer alone).
+For every content token (colour or shape word) of the ground-truth caption, its token map is placed
+on the image (``adapter.map_geometry``; on the square 64×64 images, the bilinear upsampling) and
+scored with the Energy Pointing Game against the mask of the object it names. Chance is the mean area
+fraction of those objects. Rows: DEX-AR (all layers and each layer alone) and raw attention
+(Σ_l mean_h A[p_t, V], and each layer alone).
 
     python benchmarks/localization.py [--samples 500] [--checkpoint PATH]
 """
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,18 +50,17 @@ def main() -> None:
         batch = adapter.build_batch(prompt_ids, answers, image_inputs)
         trace = tracing.run(adapter, batch)
         t_max = batch.answer_ids.shape[1]
-        targets = []  # (sample, slot, mask)
+        targets = []  # (sample, slot, mask, where the sample's maps lie on its image)
         for b, s in enumerate(samples):
             offset = t_max - len(answers[b])
             for w, k in enumerate(s.word_mask_index):
                 if k >= 0:
-                    targets.append((b, offset + w, torch.from_numpy(s.masks[k])))
-        areas += [float(m.double().mean()) for _, _, m in targets]
-        masks = torch.stack([m for _, _, m in targets])
+                    targets.append((b, offset + w, torch.from_numpy(s.masks[k]), adapter.map_geometry(s.image)))
+        areas += [float(m.double().mean()) for _, _, m, _ in targets]
+        masks = torch.stack([m for _, _, m, _ in targets])
         for name, (method, layer) in variants.items():
             out = method(trace if layer is None else trace.select_layers(slice(layer, layer + 1)))
-            maps = torch.stack([out.token_maps[b, t] for b, t, _ in targets])[:, None]
-            up = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            up = torch.stack([g.place(out.token_maps[b, t], tuple(m.shape)) for b, t, m, g in targets])
             epg = energy_pointing_game(up.clamp(min=0), masks)
             empty[name] += int(epg.isnan().sum())
             scores[name].append(epg[~epg.isnan()])

@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dexar import jsonsafe
 from dexar.explanation import Explanation
-from dexar.resume import Progress
+from dexar.resume import Progress, owner_rank
 from dexar.schema import Sample
 
 SHARD_GLOB = "shards/rank*/batch*.safetensors"
@@ -33,7 +34,9 @@ class HeatmapWriter(BasePredictionWriter):
 
     **Resume**: with ``resume=True`` (default) a run started again in the same directory reads the
     shards at predict start and hands them to the module (``resume_from``): done samples are skipped,
-    their metric contributions restored. Batches with nothing new write no shard.
+    their metric contributions, failures and measured seconds (``timing``: seconds per phase and the
+    images they covered) restored, each on the process that owns the shard
+    (:func:`dexar.resume.owner_rank`). Batches with nothing new write no shard.
 
     Args:
         output_dir: Run directory; default: the trainer's ``default_root_dir``.
@@ -58,7 +61,7 @@ class HeatmapWriter(BasePredictionWriter):
         self.written = self.resumed = 0
         if not self.resume or not hasattr(pl_module, "resume_from"):
             return
-        progress = read_progress(self.output_dir)
+        progress = read_progress(self.output_dir, trainer.global_rank, trainer.world_size)
         if progress.shards:
             pl_module.resume_from(progress)
             self.resumed = len(progress.done)
@@ -97,7 +100,10 @@ class HeatmapWriter(BasePredictionWriter):
             for label, by_metric in by_label.items():
                 for name, metric_states in by_metric.items():
                     rows = prediction.rows.get(sample_id, {}).get(label, {}).get(name, [])
+                    miss = getattr(prediction, "misses", {}).get(sample_id, {}).get(label, {}).get(name)
                     entry = {"sample_id": sample_id, "label": label, "metric": name, "rows": rows, "states": {}}
+                    if miss:
+                        entry["miss"] = miss
                     for state, value in metric_states.items():
                         key = f"metric_state/{len(states)}/{state}"
                         tensors[key] = value.contiguous()
@@ -110,6 +116,7 @@ class HeatmapWriter(BasePredictionWriter):
             "sample_ids": prediction.sample_ids,
             "metric_states": states,
             "fingerprint": getattr(prediction, "fingerprint", ""),
+            "timing": {"seconds": dict(getattr(prediction, "timing", {})), "images": getattr(prediction, "timed", 0)},
         }
         self._overlays(prediction, batch, batch_indices)
         _atomic_save(tensors, meta, _free_name(shard_dir, f"batch{batch_idx:06d}"))
@@ -154,7 +161,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: P
     """Write a shard to a hidden temporary name, then rename it into place (never half-written)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"json": jsonsafe.dumps(meta)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -165,30 +172,50 @@ def _shard_meta(path: Path) -> dict[str, Any]:
         return json.loads(f.metadata()["json"])
 
 
-def read_progress(output_dir: str | Path) -> Progress:
-    """What the shards of ``output_dir`` already hold (all ranks): done ids, failures, metric contributions."""
+def read_progress(output_dir: str | Path, rank: int = 0, world_size: int = 1) -> Progress:
+    """What the shards of ``output_dir`` already hold, for process ``rank`` of ``world_size``.
+
+    ``done`` (and the shard count, fingerprints) cover every shard; failures, unreadable samples,
+    metric contributions and timing only the shards ``rank`` owns (:func:`dexar.resume.owner_rank`).
+    The defaults read everything (one process).
+    """
     progress = Progress()
     for path in sorted(Path(output_dir).glob(SHARD_GLOB)):
         try:
             meta = _shard_meta(path)
-            tensors = load_file(str(path))
         except Exception as err:
             raise ValueError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
         progress.shards += 1
         if meta.get("fingerprint"):
             progress.fingerprints.add(meta["fingerprint"])
+        failures = [(sid, msg) for sid, msg in meta["failures"]]
+        unreadable = [(u["id"], u["reason"]) for u in meta["unreadable"]]
         progress.done.update(meta["sample_ids"])
-        progress.failures += [tuple(f) for f in meta["failures"]]
-        progress.unreadable += [(u["id"], u["reason"]) for u in meta["unreadable"]]
-        progress.done.update(sid for sid, _ in progress.failures)
-        progress.done.update(sid for sid, _ in progress.unreadable)
+        progress.done.update(sid for sid, _ in failures + unreadable)
+        if owner_rank(_shard_rank(path), world_size) != rank:
+            continue
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
+        progress.failures += failures
+        progress.unreadable += unreadable
+        progress.explained.update(meta["sample_ids"])
+        timing = meta.get("timing") or {}
+        progress.timing.add(timing.get("seconds") or {}, int(timing.get("images") or 0))
         for entry in meta.get("metric_states", []):
+            sid, label, name = entry["sample_id"], entry["label"], entry["metric"]
             states = {state: tensors[key] for state, key in entry["states"].items()}
-            sample = progress.contributions.setdefault(entry["sample_id"], {})
-            sample.setdefault(entry["label"], {})[entry["metric"]] = states
-            rows = progress.rows.setdefault(entry["sample_id"], {})
-            rows.setdefault(entry["label"], {})[entry["metric"]] = list(entry["rows"])
+            progress.contributions.setdefault(sid, {}).setdefault(label, {})[name] = states
+            progress.rows.setdefault(sid, {}).setdefault(label, {})[name] = list(entry["rows"])
+            if entry.get("miss"):
+                progress.misses.setdefault(sid, {}).setdefault(label, {})[name] = entry["miss"]
     return progress
+
+
+def _shard_rank(path: Path) -> int:
+    """The rank that wrote a shard, from its ``rank{R}`` directory."""
+    return int(path.parent.name.removeprefix("rank"))
 
 
 def read_shards(output_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:

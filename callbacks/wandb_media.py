@@ -11,14 +11,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
 
 class WandbMedia(Callback):
     """Logs what scalars cannot show, at the end of predict (after the module computed its metrics).
 
     * one ``wandb.Table`` and line plot per method and curve metric (mean curve over valid samples);
-    * the overlays ``HeatmapWriter`` wrote for the first samples (sequence map and per-token strip,
-      captioned with the answer) — read from disk, so every rank's samples are included;
+    * the overlays ``HeatmapWriter`` wrote for the first samples, captioned with the answer: sequence maps
+      under ``overlays/<method>/sequence``, per-token strips under ``overlays/<method>/tokens`` (each list
+      padded to one size) — read from disk, so every rank's samples are included;
     * a per-sample table: sample id (or ``id#token``), method, and each metric's value.
 
     Metric accessors are collective under DDP, so every rank runs them; only rank 0 logs. Without a
@@ -59,19 +61,33 @@ class WandbMedia(Callback):
             print(f"W&B run saved offline in {Path(run.dir).parent}; upload it with: wandb sync {Path(run.dir).parent}")
 
     def _overlays(self, run_dir: Path, wandb: Any) -> dict[str, Any]:
+        """``overlays/<method>/sequence`` and ``overlays/<method>/tokens``: one image size per list (W&B needs it)."""
         out: dict[str, Any] = {}
         for method_dir in sorted((run_dir / "overlays").glob("*")):
-            images = []
+            found: dict[str, list[tuple[Image.Image, str]]] = {"sequence": [], "tokens": []}
             for sample_dir in sorted(method_dir.iterdir())[: self.max_overlays]:
                 meta = json.loads((sample_dir / "explanation.json").read_text())
                 caption = f"{meta['sample_id']}: {meta['answer']}"
-                if (sample_dir / "sequence.png").is_file():
-                    images.append(wandb.Image(str(sample_dir / "sequence.png"), caption=caption))
-                if (sample_dir / "tokens.png").is_file():
-                    images.append(wandb.Image(str(sample_dir / "tokens.png"), caption=caption + " (tokens)"))
-            if images:
-                out[f"overlays/{method_dir.name}"] = images
+                for kind, images in found.items():
+                    if (sample_dir / f"{kind}.png").is_file():
+                        images.append((Image.open(sample_dir / f"{kind}.png").convert("RGB"), caption))
+            for kind, images in found.items():
+                if images:
+                    padded = same_size([image for image, _ in images])
+                    logged = [wandb.Image(image, caption=c) for image, (_, c) in zip(padded, images, strict=True)]
+                    out[f"overlays/{method_dir.name}/{kind}"] = logged
         return out
+
+
+def same_size(images: list[Image.Image]) -> list[Image.Image]:
+    """Pad every image (top-left, white) to the largest width and height among them; pixels are not rescaled."""
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    out = []
+    for image in images:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(image, (0, 0))
+        out.append(canvas)
+    return out
 
 
 def _curves(groups: Any) -> dict[tuple[str, str], tuple[list[str], list[list[float]]]]:

@@ -38,10 +38,12 @@ class DatasetLayoutError(FileNotFoundError):
 
 
 def layout_error(dataset: str, problem: str, layouts: Sequence[str]) -> DatasetLayoutError:
-    """One error message: what is wrong (with the path) and every layout that is understood."""
-    lines = [f"{dataset}: {problem}.", "Layouts understood (--data.root = ROOT):"]
-    lines += [f"  - {layout}" for layout in layouts]
-    return DatasetLayoutError("\n".join(lines))
+    """A two-line error: what is wrong (with the path), then every layout that is understood.
+
+    Two lines, so that ``train_eval.py`` prints the whole error in at most three (README "Datasets" has the
+    long form of each layout).
+    """
+    return DatasetLayoutError(f"{dataset}: {problem}.\nLayouts understood (--data.root ROOT): " + " | ".join(layouts))
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,31 @@ def load_rgb(source: str | Path | bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (``.ipynb_checkpoints``, ``._x.JPEG``): never dataset content."""
+    return name.startswith(".")
+
+
 def image_files(folder: str | Path) -> list[os.DirEntry]:
-    """Image files directly in ``folder`` (``.jpeg``/``.jpg``/``.png``, any case), unsorted."""
+    """Image files directly in ``folder`` (``.jpeg``/``.jpg``/``.png``, any case, not hidden), unsorted."""
     with os.scandir(folder) as entries:
-        return [e for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+        return [
+            e
+            for e in entries
+            if not is_hidden(e.name) and e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+        ]
+
+
+def subfolders(folder: str | Path) -> list[str]:
+    """Names of the folders directly in ``folder``, sorted, hidden ones (``.ipynb_checkpoints``) left out."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+
+
+def name_some(names: Sequence[str], limit: int = 3) -> str:
+    """``a, b, c`` or ``a, b, c and 4 more``: names for a one-line message."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def seeded_subset(size: int, num_samples: int | None, seed: int) -> list[int]:

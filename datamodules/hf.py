@@ -9,25 +9,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datamodules.common import split_aliases
+from datamodules.common import split_aliases, subfolders
 
-HF_LAYOUT = (
-    "Hugging Face datasets: ROOT is a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory, "
-    "or holds *.parquet files of the split (e.g. ROOT/data/validation-00000-of-00014.parquet), "
-    "with the hub's columns: {columns}"
-)
+HF_LAYOUT = "Hugging Face save_to_disk directory or *.parquet in ROOT, ROOT/<dir> or ROOT/<dir>/<split> ({columns})"
 
 
-def is_hf_root(root: Path) -> bool:
-    """Whether ``root`` looks like a ``datasets`` directory or holds parquet files."""
-    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
-        return True
-    return root.is_dir() and next(root.rglob("*.parquet"), None) is not None
+def is_saved_dataset(root: Path) -> bool:
+    """Whether ``root`` is a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` directory."""
+    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+
+
+def parquet_files(root: Path, split: str) -> list[Path]:
+    """Every parquet file where the layout puts them: ``ROOT``, ``ROOT/<dir>``, ``ROOT/<dir>/<split>``.
+
+    Only these folders are listed, never the whole tree: an image root (ImageNet's ``train/`` holds
+    1.28M files) costs one listing of each top-level folder. Hidden folders are skipped.
+    """
+    if not root.is_dir():
+        return []
+    folders = [root]
+    for name in subfolders(root):
+        folders.append(root / name)
+        folders += [root / name / alias for alias in split_aliases(split) if (root / name / alias).is_dir()]
+    return sorted(f for folder in folders for f in folder.glob("*.parquet") if f.is_file())
+
+
+def is_hf_root(root: Path, split: str) -> bool:
+    """Whether ``root`` is a ``datasets`` directory or holds parquet files where the layout puts them."""
+    return is_saved_dataset(root) or bool(parquet_files(root, split))
 
 
 def _split_parquet_files(root: Path, split: str) -> list[Path]:
     """Parquet files of ``split``: a path part named after the split or starting with ``<split>-``/``_``."""
-    files = sorted(root.rglob("*.parquet"))
+    files = parquet_files(root, split)
     for alias in split_aliases(split):
         chosen = []
         for f in files:
@@ -56,7 +70,7 @@ def open_hf_split(root: Path, split: str, cache_dir: str | None = None) -> tuple
     """
     import datasets
 
-    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+    if is_saved_dataset(root):
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
             for alias in split_aliases(split):
@@ -66,7 +80,7 @@ def open_hf_split(root: Path, split: str, cache_dir: str | None = None) -> tuple
         return loaded, f"load_from_disk({root})"
     files = _split_parquet_files(root, split)
     if not files:
-        found = sorted(str(f.relative_to(root)) for f in root.rglob("*.parquet"))[:5]
+        found = [str(f.relative_to(root)) for f in parquet_files(root, split)][:5]
         raise FileNotFoundError(f"no parquet file of split {split!r} under {root} (found: {found})")
     ds = datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir)
     return ds, f"{len(files)} parquet file(s) under {root}"

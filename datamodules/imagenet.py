@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +24,10 @@ from datamodules.common import (
     image_files,
     layout_error,
     load_rgb,
+    name_some,
     render_template,
     seeded_subset,
+    subfolders,
 )
 from datamodules.hf import (
     HF_LAYOUT,
@@ -96,10 +97,9 @@ def wnid_to_index() -> dict[str, int]:
 def imagenet_layouts(split: str) -> list[str]:
     """Human-readable descriptions of the understood ImageNet layouts (for error messages)."""
     return [
-        f"class folders: ROOT/{split}/<wnid>/*.JPEG (also ROOT/ILSVRC/Data/CLS-LOC/{split}/<wnid>/*.JPEG)",
-        f"flat: ROOT/{split}/*.JPEG with ROOT/LOC_{split}_solution.csv (columns ImageId,PredictionString; "
-        f"also ROOT/ILSVRC/Data/CLS-LOC/{split}/*.JPEG, the Kaggle layout)",
-        HF_LAYOUT.format(columns="image {bytes, path}, label (int, sorted-wnid order)"),
+        f"ROOT/{split}/<wnid>/*.JPEG",
+        f"ROOT/{split}/*.JPEG + ROOT/LOC_{split}_solution.csv (Kaggle: images in ROOT/ILSVRC/Data/CLS-LOC/{split}/)",
+        HF_LAYOUT.format(columns="columns image, label"),
     ]
 
 
@@ -138,20 +138,20 @@ def index_imagenet(root: str | Path, split: str = "val", cache_dir: str | None =
     layouts = imagenet_layouts(split)
     if not root.is_dir():
         raise layout_error("ImageNet", f"dataset root {root} does not exist", layouts)
-    if is_hf_root(root):
+    if is_hf_root(root, split):
         return _index_hf(root, split, cache_dir, layouts)
     candidates = [root / split, root / "ILSVRC" / "Data" / "CLS-LOC" / split]
     folder = next((c for c in candidates if c.is_dir()), None)
     if folder is None:
         raise layout_error("ImageNet", f"no image folder {candidates[0]} (nor {candidates[1]})", layouts)
     known = wnid_to_index()
-    with os.scandir(folder) as entries:
-        subdirs = sorted(e.name for e in entries if e.is_dir())
+    subdirs = subfolders(folder)
     items: list[tuple[str, str | int, int]] = []
     if subdirs:
         unknown = [d for d in subdirs if d not in known]
         if unknown:
-            raise layout_error("ImageNet", f"{folder / unknown[0]} is not a class folder named by a wnid", layouts)
+            stray = f"in {folder}, not a class folder named by a wnid: {name_some(unknown)}"
+            raise layout_error("ImageNet", f"{stray} (hidden folders are ignored)", layouts)
         for wnid in subdirs:
             items += [(Path(e.name).stem, e.path, known[wnid]) for e in image_files(folder / wnid)]
         layout = "folders"

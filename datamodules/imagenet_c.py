@@ -12,7 +12,6 @@ Both modes pick the same seeded subset of images as :class:`~datamodules.imagene
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -25,13 +24,14 @@ from datamodules.common import (
     image_files,
     layout_error,
     load_rgb,
+    name_some,
     seeded_subset,
+    subfolders,
 )
 from datamodules.imagenet import (
     CLASSIFY_PROMPT,
     ImageNetIndex,
     imagenet_answer,
-    imagenet_layouts,
     imagenet_sample,
     index_imagenet,
     wnid_to_index,
@@ -46,8 +46,8 @@ MODES = ("auto", "released", "generate")
 def imagenet_c_layouts(split: str) -> list[str]:
     """Human-readable descriptions of the understood ImageNet-C layouts (for error messages)."""
     return [
-        "released: ROOT/<corruption>/<severity>/<wnid>/*.JPEG (e.g. ROOT/fog/5/n01440764/ILSVRC2012_val_00000293.JPEG)",
-        *(f"generate (from ImageNet val) — {layout}" for layout in imagenet_layouts(split)),
+        "released ROOT/<corruption>/<severity>/<wnid>/*.JPEG (e.g. ROOT/fog/5/n01440764/*.JPEG)",
+        f"mode generate: an ImageNet root ({split}/<wnid>/, {split}/ + LOC_{split}_solution.csv, or Hugging Face)",
     ]
 
 
@@ -104,11 +104,11 @@ def index_released(
             folder = root / c / str(s)
             if not folder.is_dir():
                 raise layout_error("ImageNet-C", f"{folder} not found", layouts)
-            with os.scandir(folder) as entries:
-                wnids = sorted(e.name for e in entries if e.is_dir())
+            wnids = subfolders(folder)
             unknown = [w for w in wnids if w not in known]
             if not wnids or unknown:
-                what = f"{folder / unknown[0]} is not a wnid folder" if unknown else f"no <wnid> folders in {folder}"
+                stray = f"in {folder}, not a wnid folder: {name_some(unknown)}"
+                what = stray if unknown else f"no <wnid> folders in {folder}"
                 raise layout_error("ImageNet-C", what, layouts)
             out[(c, s)] = {Path(e.name).stem: (e.path, known[w]) for w in wnids for e in image_files(folder / w)}
     return out

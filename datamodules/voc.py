@@ -58,9 +58,7 @@ def voc_layouts(split: str, year: str) -> list[str]:
     """Human-readable description of the understood VOC layout (for error messages)."""
     base = f"ROOT/VOCdevkit/VOC{year}"
     return [
-        f"{base}/ImageSets/Segmentation/{split}.txt, {base}/JPEGImages/<name>.jpg, "
-        f"{base}/SegmentationClass/<name>.png (palette PNG of class indices, 255 = boundary), and optionally "
-        f"{base}/SegmentationObject/<name>.png and {base}/Annotations/<name>.xml "
+        f"{base}/{{ImageSets/Segmentation/{split}.txt, JPEGImages/<name>.jpg, SegmentationClass/<name>.png}} "
         f"(ROOT may also be VOCdevkit or VOC{year} itself)"
     ]
 

@@ -24,13 +24,9 @@ def vqav2_layouts(split: str) -> list[str]:
     """Human-readable descriptions of the understood VQAv2 layouts (for error messages)."""
     year = f"{split}2014"
     return [
-        f"official: ROOT/v2_OpenEnded_mscoco_{year}_questions.json, ROOT/v2_mscoco_{year}_annotations.json "
-        f"and ROOT/{year}/COCO_{year}_<image_id:012d>.jpg (the JSON files may also sit in ROOT/Questions and "
-        f"ROOT/Annotations, the images in ROOT/Images/mscoco/{year})",
-        HF_LAYOUT.format(
-            columns="image {bytes, path}, question, question_id, multiple_choice_answer "
-            "(+ question_type, answer_type, image_id, answers)"
-        ),
+        f"ROOT/v2_OpenEnded_mscoco_{year}_questions.json + ROOT/v2_mscoco_{year}_annotations.json + "
+        f"ROOT/{year}/COCO_{year}_<image_id:012d>.jpg (also in ROOT/Questions, ROOT/Annotations, ROOT/Images/mscoco)",
+        HF_LAYOUT.format(columns="columns image, question, question_id, multiple_choice_answer"),
     ]
 
 
@@ -81,7 +77,7 @@ def index_vqav2(
     layouts = vqav2_layouts(split)
     if not root.is_dir():
         raise layout_error("VQAv2", f"dataset root {root} does not exist", layouts)
-    if is_hf_root(root):
+    if is_hf_root(root, split):
         return _index_hf(root, split, num_samples, seed, cache_dir, layouts)
     year = f"{split}2014"
     q_name, a_name = f"v2_OpenEnded_mscoco_{year}_questions.json", f"v2_mscoco_{year}_annotations.json"

@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dexar.explain import explain, open_image
         from dexar.loading import load_model
+        from dexar.methods import build_method
 
         image = open_image(args.image)
-        model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
         options = {"head_filter": args.head_filter} if args.head_filter else {}
+        try:  # a bad method or option fails before the model loads
+            build_method(args.method, **options)
+        except TypeError as err:
+            raise ValueError(f"method {args.method!r} does not take {sorted(options)}: {err}") from None
+        model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
         result = explain(
             model,
             processor,
@@ -108,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             **options,
         )
-        out = result.save(Path(args.out))
     except (DexarInputError, ValueError) as err:
         print(f"dexar: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        out = result.save(Path(args.out))
+    except OSError as err:
+        print(f"dexar: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"answer: {result.answer}")
     print(

@@ -3,31 +3,40 @@
 ``dexar`` does not import ``metrics``: metric objects arrive from the caller and declare what they
 consume with an ``input_kind`` class attribute:
 
-* ``localization`` — ``update(maps, masks, ignore)`` with maps upsampled to the mask's size; the map is
-  the sequence map against the union of the sample's masks (``target="sequence"``, the paper's
-  PascalVOC protocol) or each content token's map against the mask of the object it names
-  (``target="tokens"``);
-* ``filler`` — ``update([token_weights], [content_mask])`` with per-token content labels;
+* ``localization`` — ``update(maps, masks, ignore, seen=seen)`` with maps placed on the mask's pixels
+  through the model's view (:meth:`dexar.Explanation.upsample`: zero where the model saw nothing) and
+  ``seen`` the pixels it saw (metrics score those only); the map is the sequence map against the union
+  of the sample's masks (``target="sequence"``, the paper's PascalVOC protocol) or each content token's
+  map against the mask of the object it names (``target="tokens"``). How much of a mask lies outside
+  the view is a metric of its own (``metrics.UnseenMaskFraction``); without it the evaluator warns once
+  per method when a mask reaches outside the view;
+* ``filler`` — ``update([token_weights], [content_mask], [map_mass])`` with per-token content labels
+  (an explained end-of-sequence token counts as filler) and the mass of each token's min-max map;
 * ``perturbation:<mode>`` (mode in :data:`dexar.perturbation.MODES`) — curves of the ground-truth
   answer's perplexity over the metric's ``levels``, all modes of one sample and method scored together.
+  Perturbation ranks and edits ``pixel_values``, the model's own view (e.g. LLaVA-1.5's center crop),
+  on which the grid lies exactly for every family that supports it (LLaVA, PaliGemma, Florence-2: the
+  grid spans the whole view), so the map is stretched over that view, never over the original image.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dexar.adapters.base import VLMAdapter
 from dexar.explanation import Explanation
 from dexar.labels import sample_token_labels
-from dexar.perturbation import MODES, perturbation_curves
+from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, perturbation_curves
 from dexar.schema import Sample
 
 LOCALIZATION_TARGETS = ("sequence", "tokens")
+
+log = logging.getLogger(__name__)
 
 
 def metric_kind(name: str, metric: Any) -> str:
@@ -49,12 +58,15 @@ class EvaluationSettings:
         replacement: Replacement value of perturbed pixels in ``pixel_values`` space (0 = dataset mean
             after mean/std normalization).
         blur_sigma: σ in pixels of the insertion blur.
+        rank_levels: Quantization levels of a map before its pixels are ranked
+            (:func:`dexar.perturbation.rank_pixels`; ``None``: unquantized).
     """
 
     localization_target: str = "sequence"
     max_batch: int = 16
     replacement: float = 0.0
-    blur_sigma: float = 5.0
+    blur_sigma: float = DEFAULT_BLUR_SIGMA
+    rank_levels: int | None = RANK_LEVELS
 
     def __post_init__(self) -> None:
         if self.localization_target not in LOCALIZATION_TARGETS:
@@ -89,6 +101,7 @@ class Evaluator:
         if any(k.startswith("perturbation:") for kinds in self.kinds.values() for k in kinds.values()):
             self.adapter.check_pixel_perturbation()  # fail at setup, not mid-run
         self.curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self._warned_unseen: set[str] = set()
 
     def update(self, samples: list[Sample], explanations: Mapping[str, list[Explanation]]) -> None:
         """Update every metric of every method with a batch's explanations."""
@@ -104,45 +117,84 @@ class Evaluator:
         group = self.metrics[label]
         loc = [n for n, k in kinds.items() if k == "localization"]
         if loc and sample.masks is not None:
-            maps, masks, ignore, ids = self._localization_inputs(sample, exp)
+            maps, masks, ignore, seen, ids = self._localization_inputs(sample, exp)
             if maps is not None:
                 for name in loc:
-                    group[name].update(maps, masks, ignore)
+                    group[name].update(maps, masks, ignore, seen=seen)
                     self.rows[label][name] += ids
+                self._warn_unseen(label, [group[n] for n in loc], sample.id, masks, ignore, seen)
         fill = [n for n, k in kinds.items() if k == "filler"]
         if fill and sample.word_is_content is not None and sample.answer is not None:
-            labels = sample_token_labels(
-                sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt)
-            )
-            if labels.ids == exp.token_ids:  # filler labels exist for the ground-truth answer only
-                content = torch.tensor(labels.is_content)
+            content = self._filler_labels(sample, exp)
+            if content is not None:
+                mass = exp.token_maps.double().flatten(1).sum(1)  # Σ_pixels of each min-max map E_t
                 for name in fill:
-                    group[name].update([exp.token_weights.double()], [content])
+                    group[name].update([exp.token_weights.double()], [content], [mass])
                     self.rows[label][name].append(sample.id)
         pert = {n: k.split(":", 1)[1] for n, k in kinds.items() if k.startswith("perturbation:")}
         if pert and sample.answer is not None:
             self._perturbation(label, sample, exp, pert)
 
+    def _filler_labels(self, sample: Sample, exp: Explanation) -> torch.Tensor | None:
+        """Per-token content flags of the explained tokens, or ``None`` when they are not the ground truth.
+
+        Filler labels exist for the ground-truth answer only. An end-of-sequence token explained after
+        it (``keep_eos``; PascalVOC-QA's appendix answer ends in ``[EOS]``) is a filler token.
+        """
+        labels = sample_token_labels(sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt))
+        if exp.token_ids == labels.ids:
+            return torch.tensor(labels.is_content)
+        if exp.token_ids == [*labels.ids, self.adapter.tokenizer.eos_token_id]:
+            return torch.tensor([*labels.is_content, False])
+        return None
+
     def _localization_inputs(self, sample: Sample, exp: Explanation):
+        """Placed maps, masks, ignore and seen masks ``(N, H, W)`` and row ids (``None`` maps: nothing to score)."""
         size = tuple(sample.masks.shape[-2:])
+        geometry = exp.placement(size)
+        seen = geometry.seen(size)
         ignore = torch.from_numpy(sample.ignore_mask) if sample.ignore_mask is not None else None
         if self.settings.localization_target == "sequence":
-            up = F.interpolate(exp.sequence_map[None, None].double(), size=size, mode="bilinear", align_corners=False)
+            up = geometry.place(exp.sequence_map[None].double(), size).clamp(min=0)
             mask = torch.from_numpy(sample.union_mask)[None]
-            return up[0].clamp(min=0), mask, (ignore[None] if ignore is not None else None), [sample.id]
+            return up, mask, (ignore[None] if ignore is not None else None), seen[None], [sample.id]
         if sample.word_mask_index is None:
-            return None, None, None, []
+            return None, None, None, None, []
         labels = sample_token_labels(sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt))
         if labels.ids != exp.token_ids:
-            return None, None, None, []
+            return None, None, None, None, []
         picks = [t for t, k in enumerate(labels.mask_index) if k >= 0]
         if not picks:
-            return None, None, None, []
-        maps = exp.token_maps[picks][:, None].double()
-        up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
+            return None, None, None, None, []
+        up = geometry.place(exp.token_maps[picks].double(), size).clamp(min=0)
         masks = torch.from_numpy(sample.masks[[labels.mask_index[t] for t in picks]])
         ig = ignore[None].expand(len(picks), -1, -1) if ignore is not None else None
-        return up, masks, ig, [f"{sample.id}#{t}" for t in picks]
+        return up, masks, ig, seen[None].expand(len(picks), -1, -1), [f"{sample.id}#{t}" for t in picks]
+
+    def _warn_unseen(
+        self,
+        label: str,
+        metrics: list[Any],
+        sample_id: str,
+        masks: torch.Tensor,
+        ignore: torch.Tensor | None,
+        seen: torch.Tensor,
+    ) -> None:
+        """Warn once per method when a mask reaches outside the view and no metric reports it."""
+        if label in self._warned_unseen or any(getattr(m, "reports_unseen_mask", False) for m in metrics):
+            return
+        inside = masks.bool() if ignore is None else masks.bool() & ~ignore.bool()
+        total = int(inside.sum())
+        unseen = int((inside & ~seen).sum())
+        if unseen:
+            self._warned_unseen.add(label)
+            log.warning(
+                "%s: %.1f%% of sample %s's mask pixels lie outside the model's view and are not scored; "
+                "add metrics.UnseenMaskFraction to report this per sample",
+                label,
+                100.0 * unseen / total,
+                sample_id,
+            )
 
     def _perturbation(self, label: str, sample: Sample, exp: Explanation, modes: dict[str, str]) -> None:
         group = self.metrics[label]
@@ -161,6 +213,7 @@ class Evaluator:
             max_batch=self.settings.max_batch,
             replacement=self.settings.replacement,
             blur_sigma=self.settings.blur_sigma,
+            rank_levels=self.settings.rank_levels,
         )
         for name, mode in modes.items():
             curve = curves[mode]
@@ -169,6 +222,6 @@ class Evaluator:
                 metric.update(curve.nppl[None])
             elif mode == "pic":
                 metric.update(curve.ppl[None], curve.webp_sizes[None])
-            else:
-                metric.update(curve.ppl[None], torch.tensor([curve.ppl_original], dtype=torch.float64))
+            else:  # deletion, insertion: both end images are on the curve
+                metric.update(curve.ppl[None])
             self.rows[label][name].append(sample.id)

@@ -16,7 +16,7 @@ from dexar import tracing
 from dexar.adapters import DexarInputError, VLMAdapter, get_adapter
 from dexar.explanation import Explanation
 from dexar.generation import generate_answers
-from dexar.methods import Method, build_method
+from dexar.methods import Method, MethodOutput, build_method
 from dexar.schema import Sample
 
 ANSWER_SOURCES = ("ground_truth", "generate")
@@ -29,16 +29,39 @@ class Explainer:
         model: A supported VLM (see :data:`dexar.adapters.ADAPTERS`).
         processor: Its processor.
         methods: Method instances by name; default ``{"dexar": DexAR()}``.
+        skip_unsupported: Drop the methods the architecture does not define (their label → reason in
+            :attr:`skipped`) instead of raising. All dropped: :class:`DexarInputError` all the same.
+
+    Raises:
+        DexarInputError: A method the architecture does not define (one line), unless skipped.
 
     """
 
-    def __init__(self, model: nn.Module, processor: Any, methods: Mapping[str, Method] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        methods: Mapping[str, Method] | None = None,
+        skip_unsupported: bool = False,
+    ) -> None:
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.methods: dict[str, Method] = dict(methods) if methods else {"dexar": build_method("dexar")}
-        for method in self.methods.values():
-            self.adapter.check_method(method.name)  # a one-line error for a method the architecture lacks
+        self.skipped: dict[str, str] = {}
+        """Label → why the architecture cannot run the method (``skip_unsupported``)."""
+        for label, method in list(self.methods.items()):
+            try:
+                self.adapter.check_method(method.name)  # a one-line error for a method the architecture lacks
+            except DexarInputError as err:
+                if not skip_unsupported:
+                    raise
+                refused = getattr(self.adapter, "refused_methods", {})
+                self.skipped[label] = refused.get(method.name) or str(err)
+                del self.methods[label]
+        if not self.methods:
+            reasons = "; ".join(f"{label}: {why}" for label, why in self.skipped.items())
+            raise DexarInputError(f"no method runs on {type(self.adapter).__name__}: {reasons}")
         self.last_timings: dict[str, float] = {}
-        """Seconds of the last ``explain_samples`` call by phase: ``generation``, ``trace``, ``method/<label>``."""
+        """Seconds of the last ``explain_samples`` call by phase (see :mod:`dexar.phase_timing`)."""
 
     @property
     def needs(self) -> frozenset[str]:
@@ -75,57 +98,86 @@ class Explainer:
         max_new_tokens: int = 32,
         keep_eos: bool = False,
         keep_images: bool = True,
+        time_alone: bool = False,
     ) -> dict[str, list[Explanation]]:
         """Explain a batch: one trace (one forward + at most one backward), every method on it.
 
         Samples whose images give different image-token layouts (:meth:`VLMAdapter.grid_key`:
         dynamic resolution, tiles) are traced in sub-batches of equal layout; results keep the
         samples' order.
+
+        With ``time_alone``, each method is then run once more on its own (a trace of its own needs,
+        its work, its explanation objects; results discarded) and timed as ``alone/<label>``: the
+        paper's sec/img, which the shared trace (serving every method's needs) does not give.
         """
         groups: dict[Any, list[int]] = {}
         for i, sample in enumerate(samples):
             groups.setdefault(self.adapter.grid_key(sample.image), []).append(i)
         if len(groups) > 1:
             parts = list(groups.values())
-            return self._explain_groups(samples, parts, answer_source, max_new_tokens, keep_eos, keep_images)
+            return self._explain_groups(
+                samples, parts, answer_source, max_new_tokens, keep_eos, keep_images, time_alone
+            )
         device = next(self.adapter.model.parameters()).device
         clock = PhaseClock(device)
         answer_ids, texts = self.answer_ids(samples, answer_source, max_new_tokens, keep_eos)
         clock.lap("generation")
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
+        clock.lap("encoding")
         trace = tracing.run(self.adapter, batch, self.needs)
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
         for name, method in self.methods.items():
             out = method(trace)
+            results[name] = self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
             clock.lap(f"method/{name}")
-            per_sample = []
-            for b, sample in enumerate(samples):
-                length = int(batch.answer_lengths[b])
-                t_max = batch.answer_ids.shape[1]
-                sl = slice(t_max - length, t_max)
-                per_sample.append(
-                    Explanation(
-                        tokens=self.adapter.decode_tokens(answer_ids[b]),
-                        token_ids=list(answer_ids[b]),
-                        token_maps=out.token_maps[b, sl].detach().cpu(),
-                        token_weights=out.token_weights[b, sl].detach().cpu(),
-                        sequence_map=out.sequence_map[b].detach().cpu(),
-                        inputs=batch.sample_inputs(b),
-                        answer_positions=self._positions(batch, b),
-                        method=name,
-                        options=_options(method),
-                        token_empty=out.token_empty[b, sl].detach().cpu(),
-                        sequence_empty=bool(out.sequence_empty[b]),
-                        answer=texts[b],
-                        image=sample.image if keep_images else None,
-                        sample_id=sample.id,
-                    )
-                )
-            results[name] = per_sample
+        del trace, out  # free the shared trace before any trace of one method's needs
+        if time_alone:
+            for name, method in self.methods.items():
+                out = method(tracing.run(self.adapter, batch, method.needs))
+                self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
+                clock.lap(f"alone/{name}")
         self.last_timings = clock.laps
         return results
+
+    def _explanations(
+        self,
+        name: str,
+        method: Method,
+        out: MethodOutput,
+        batch: tracing.TeacherForcedBatch,
+        samples: list[Sample],
+        answer_ids: list[list[int]],
+        texts: list[str],
+        keep_images: bool,
+    ) -> list[Explanation]:
+        """One method's batched output as one :class:`Explanation` per sample (CPU tensors)."""
+        per_sample = []
+        for b, sample in enumerate(samples):
+            length = int(batch.answer_lengths[b])
+            t_max = batch.answer_ids.shape[1]
+            sl = slice(t_max - length, t_max)
+            per_sample.append(
+                Explanation(
+                    tokens=self.adapter.decode_tokens(answer_ids[b]),
+                    token_ids=list(answer_ids[b]),
+                    token_maps=out.token_maps[b, sl].detach().cpu(),
+                    token_weights=out.token_weights[b, sl].detach().cpu(),
+                    sequence_map=out.sequence_map[b].detach().cpu(),
+                    inputs=batch.sample_inputs(b),
+                    answer_positions=self._positions(batch, b),
+                    method=name,
+                    options=_options(method),
+                    token_empty=out.token_empty[b, sl].detach().cpu(),
+                    sequence_empty=bool(out.sequence_empty[b]),
+                    answer=texts[b],
+                    image=sample.image if keep_images else None,
+                    sample_id=sample.id,
+                    geometry=self.adapter.map_geometry(sample.image),
+                )
+            )
+        return per_sample
 
     def _explain_groups(
         self,
@@ -135,13 +187,14 @@ class Explainer:
         max_new_tokens: int,
         keep_eos: bool,
         keep_images: bool,
+        time_alone: bool = False,
     ) -> dict[str, list[Explanation]]:
         """Explain each group of sample indices as its own batch; merge results (input order) and timings."""
         results: dict[str, list[Explanation | None]] = {name: [None] * len(samples) for name in self.methods}
         timings: dict[str, float] = {}
         for group in groups:
             subset = [samples[i] for i in group]
-            part = self.explain_samples(subset, answer_source, max_new_tokens, keep_eos, keep_images)
+            part = self.explain_samples(subset, answer_source, max_new_tokens, keep_eos, keep_images, time_alone)
             for name, explanations in part.items():
                 for i, explanation in zip(group, explanations, strict=True):
                     results[name][i] = explanation

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from dexar.adapters.geometry import MapGeometry
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Explanation:
         answer: Answer text.
         image: The explained image (for overlays), if kept.
         sample_id: Id of the sample, if any.
+        geometry: Where the maps' grid lies on the original image (the processor's view mapped back,
+            :meth:`dexar.adapters.VLMAdapter.map_geometry`); ``None``: the grid spans the whole image.
 
     """
 
@@ -48,14 +51,39 @@ class Explanation:
     answer: str = ""
     image: Image.Image | None = None
     sample_id: str | None = None
+    geometry: MapGeometry | None = None
+
+    def placement(self, size: tuple[int, int]) -> MapGeometry:
+        """The geometry that places the maps on the image drawn at ``size`` (the whole image when unknown)."""
+        return self.geometry if self.geometry is not None else MapGeometry.whole(size)
 
     def upsample(self, size: tuple[int, int]) -> Explanation:
-        """Bilinearly upsample every map to ``size = (height, width)``; returns a new Explanation."""
-        maps = torch.cat([self.token_maps, self.sequence_map[None]], dim=0)[:, None].float()
-        up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+        """Place every map on the image drawn at ``size = (height, width)``; returns a new Explanation.
+
+        Each map goes on the pixels the model saw (bilinear over its grid's box, see
+        :mod:`dexar.adapters.geometry`) and is zero elsewhere; :attr:`seen` of the result is that
+        ``(height, width)`` mask. Without a geometry the grid is stretched over the whole image.
+        """
+        size = (int(size[0]), int(size[1]))
+        geometry = self.placement(size)
+        maps = torch.cat([self.token_maps.double(), self.sequence_map[None].double()], dim=0)
+        up = geometry.place(maps, size)
         return replace(
-            self, token_maps=up[:-1].to(self.token_maps.dtype), sequence_map=up[-1].to(self.sequence_map.dtype)
+            self,
+            token_maps=up[:-1].to(self.token_maps.dtype),
+            sequence_map=up[-1].to(self.sequence_map.dtype),
+            geometry=geometry.on_image(),
         )
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``(H, W)`` bool: the pixels the model saw, at the maps' size once placed (:meth:`upsample`).
+
+        Before placement, at the original image's size; without a geometry, all True at the maps' size.
+        """
+        if self.geometry is None:
+            return torch.ones(tuple(self.sequence_map.shape), dtype=torch.bool)
+        return self.geometry.seen(tuple(self.sequence_map.shape) if self.geometry.placed else None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary: tokens, weights, flags, method and options."""
@@ -72,6 +100,7 @@ class Explanation:
             "sequence_empty": bool(self.sequence_empty),
             "answer_positions": self.answer_positions.tolist(),
             "grid": list(self.sequence_map.shape),
+            "geometry": self.geometry.to_dict() if self.geometry is not None else None,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -82,6 +111,7 @@ class Explanation:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "explanation.json").write_text(json.dumps(self.to_dict(), indent=2))
         if self.image is not None:
-            overlay(self.image, self.sequence_map, caption=self.answer).save(directory / "sequence.png")
-            token_strip(self.image, self.token_maps, self.tokens, self.token_weights).save(directory / "tokens.png")
+            placed = self.upsample((self.image.height, self.image.width))  # maps on the pixels the model saw
+            overlay(self.image, placed.sequence_map, caption=self.answer).save(directory / "sequence.png")
+            token_strip(self.image, placed.token_maps, self.tokens, self.token_weights).save(directory / "tokens.png")
         return directory

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
+from dexar import jsonsafe
+from dexar.adapters import DexarInputError
+from dexar.coverage import NothingEvaluatedError, count_misses, unfed_reason, zero_count_lines, zero_count_reasons
+from dexar.distributed import gather_objects
 from dexar.evaluation import EvaluationSettings, Evaluator
 from dexar.explain import ANSWER_SOURCES, Explainer
 from dexar.explanation import Explanation
 from dexar.loading import load_model
 from dexar.methods import build_method
+from dexar.phase_timing import PhaseTotals
 from dexar.resume import (
     Contribution,
+    Misses,
     Progress,
     Rows,
     add_states,
@@ -49,7 +56,10 @@ class PredictOutput:
             (``None``: take them from the batch).
         contributions: Sample id → what the sample added to each method's metrics (for resume).
         rows: Sample id → the metric row ids of those contributions.
+        misses: Sample id → method label → metric → why the sample gave the metric no row.
         fingerprint: Hash of the settings the results depend on (a resumed run must match it).
+        timing: Seconds of this batch by phase (:mod:`dexar.phase_timing`), for the ``timed`` images.
+        timed: Number of images the ``timing`` covers (the explained samples).
 
     """
 
@@ -59,7 +69,10 @@ class PredictOutput:
     unreadable: list[tuple[str, str]] | None = None
     contributions: dict[str, Contribution] = field(default_factory=dict)
     rows: dict[str, Rows] = field(default_factory=dict)
+    misses: dict[str, Misses] = field(default_factory=dict)
     fingerprint: str = ""
+    timing: dict[str, float] = field(default_factory=dict)
+    timed: int = 0
 
     @property
     def empty(self) -> bool:
@@ -67,10 +80,22 @@ class PredictOutput:
         return not self.sample_ids and not self.failures and not self.unreadable
 
 
+NOT_FINGERPRINTED = ("time_alone_batches",)
+"""Settings the results do not depend on: a resumed run may change them."""
+
+
 class ExplainerModule(L.LightningModule):
     """Explains every predict batch with one or more methods (one shared trace per batch).
 
     Run it with ``Trainer(inference_mode=False)``: the explanation needs gradients.
+
+    A method the model's architecture does not define (e.g. rollout on Florence-2's cross-attention)
+    is dropped for that model at setup with one warning; ``results.json`` gives each of its metrics as
+    ``{"value": null, "count": 0, "n/a": <reason>}`` and ``dexar report`` writes ``n/a`` in its cells.
+
+    A run in which nothing was evaluated (no sample explained, or no metric received a valid sample)
+    prints, per metric, why its count is 0 and raises :class:`~dexar.coverage.NothingEvaluatedError`
+    (a :class:`~dexar.adapters.DexarInputError`: one line, exit 1) after writing ``results.json``.
 
     Args:
         model: Checkpoint directory or cached hub id (default: the bundled Shapes model).
@@ -81,6 +106,13 @@ class ExplainerModule(L.LightningModule):
             teacher-forces the dataset's answer.
         max_new_tokens: Generation budget.
         keep_eos: Explain the end-of-sequence token too.
+        metrics: Metric name → torchmetrics object (copied per method).
+        localization_target: ``sequence`` or ``tokens`` (see :mod:`dexar.evaluation`).
+        perturbation_max_batch: Perturbed images per forward.
+        perturbation_replacement: Replacement value of perturbed pixels (``pixel_values`` space).
+        time_alone_batches: On this many first batches of each process, every method is also run on
+            its own (a trace of its own needs + its work) and timed: the paper's sec/img
+            (``alone/<label>`` in ``timing.json``). 0: never; -1: every batch. Results are unchanged.
 
     """
 
@@ -96,6 +128,7 @@ class ExplainerModule(L.LightningModule):
         localization_target: str = "sequence",
         perturbation_max_batch: int = 16,
         perturbation_replacement: float = 0.0,
+        time_alone_batches: int = 2,
     ) -> None:
         super().__init__()
         if answer_source not in ANSWER_SOURCES:
@@ -116,40 +149,75 @@ class ExplainerModule(L.LightningModule):
         self.metric_scratch = copy.deepcopy(self.metric_sets)
         self.contributions: dict[str, Contribution] = {}
         self.contribution_rows: dict[str, Rows] = {}
+        self.misses: dict[str, Misses] = {}
         self.done: set[str] = set()
+        self.explained: set[str] = set()
         self.resumed_samples = 0
+        self.earlier_timing = PhaseTotals()
+        """Seconds and images per phase of earlier attempts of the run, from the shards this process owns."""
         self.fingerprint = fingerprint(
             {
-                "hparams": {k: v for k, v in self.hparams.items()},
+                "hparams": {k: v for k, v in self.hparams.items() if k not in NOT_FINGERPRINTED},
                 "metrics": {n: _describe_metric(m) for n, m in (metrics or {}).items()},
             }
         )
         self.vlm: torch.nn.Module | None = None
         self.explainer: Explainer | None = None
         self.evaluator: Evaluator | None = None
+        self.not_applicable: dict[str, str] = {}
+        """Method label → why the model cannot run it (dropped at setup)."""
         self.failed: list[tuple[str, str]] = []
         self._recorded_unreadable: set[str] = set()
         self.unreadable: list[tuple[str, str]] = []
-        self.last_eval_timings: dict[str, float] = {}
-        self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self._alone_batches = 0
+        self.results: dict[str, dict[str, dict[str, Any]]] = {}
+        self.nothing_evaluated: str | None = None
+
+    def setup(self, stage: str) -> None:
+        """Before predict, stop in one line on an empty dataset or more processes than samples.
+
+        Lightning would skip an empty run silently (exit 0, no results) and die in its sampler with a
+        bare ``AssertionError`` when a process gets no sample.
+        """
+        if stage != "predict" or self._trainer is None:
+            return
+        size, processes = _num_predict_samples(self.trainer), self.trainer.world_size
+        if size == 0:
+            raise NothingEvaluatedError("nothing to evaluate: the predict dataset has no sample")
+        if size is not None and size < processes:
+            raise DexarInputError(
+                f"{size} sample(s) for {processes} processes: each process needs at least one sample; "
+                f"use at most {size} processes (--trainer.devices, --trainer.num_nodes) or more samples"
+            )
 
     def configure_model(self) -> None:
-        """Load the VLM once per process, on this process's device."""
+        """Load the VLM once per process, on this process's device; drop the methods it cannot run."""
         if self.vlm is not None:
             return
         vlm, processor = load_model(self.hparams.model, dtype=self.hparams.dtype, device=self.device)
         for p in vlm.parameters():
             p.requires_grad_(False)
         self.vlm = vlm
-        self.explainer = Explainer(vlm, processor, self.methods)
+        self.explainer = Explainer(vlm, processor, self.methods, skip_unsupported=True)
+        self.not_applicable = dict(self.explainer.skipped)
+        for label in self.not_applicable:  # the same on every process: the metric collectives still match
+            del self.metric_sets[label], self.metric_scratch[label]
+        if self.not_applicable and rank_zero_only.rank == 0:
+            log.warning(
+                "%s cannot run on %s; skipped (n/a in results.json): %s",
+                ", ".join(self.not_applicable),
+                self.hparams.model,
+                "; ".join(f"{label}: {why}" for label, why in self.not_applicable.items()),
+            )
         groups = {label: dict(group.items()) for label, group in self.metric_scratch.items() if len(group)}
         self.evaluator = Evaluator(self.explainer.adapter, groups, self.settings)
 
     def resume_from(self, progress: Progress) -> None:
         """Take over what an earlier attempt of this run did (called by ``HeatmapWriter`` at predict start).
 
-        Every rank skips the done samples; rank 0 alone keeps their failures, unreadable records and
-        metric contributions, so that each sample counts exactly once across processes.
+        Every rank skips the done samples and keeps the failures, unreadable records, metric
+        contributions and timing of the shards it owns (``progress`` holds only those, see
+        :func:`dexar.resume.owner_rank`), so that each sample counts exactly once across processes.
 
         Raises:
             ValueError: The shards were written with other settings (methods, metrics, model, ...).
@@ -162,23 +230,29 @@ class ExplainerModule(L.LightningModule):
             )
         self.done = set(progress.done)
         self.resumed_samples = len(progress.done)
-        self._recorded_unreadable = {sid for sid, _ in progress.unreadable}
-        if self.trainer.is_global_zero:
-            self.failed += list(progress.failures)
-            self.unreadable += list(progress.unreadable)
-            self.contributions.update(progress.contributions)
-            self.contribution_rows.update(progress.rows)
+        self._recorded_unreadable = set(progress.done)
+        self.failed += list(progress.failures)
+        self.unreadable += list(progress.unreadable)
+        self.explained |= progress.explained
+        self.contributions.update(progress.contributions)
+        self.contribution_rows.update(progress.rows)
+        self.misses.update(progress.misses)
+        self.earlier_timing = progress.timing
 
-    def _explain(self, samples: list[Sample]) -> dict[str, list[Explanation]]:
+    def _explain(
+        self, samples: list[Sample], time_alone: bool
+    ) -> tuple[dict[str, list[Explanation]], dict[str, float]]:
         assert self.explainer is not None
         hp = self.hparams
         with torch.enable_grad():
-            return self.explainer.explain_samples(
-                samples, hp.answer_source, hp.max_new_tokens, hp.keep_eos, keep_images=False
+            out = self.explainer.explain_samples(
+                samples, hp.answer_source, hp.max_new_tokens, hp.keep_eos, keep_images=False, time_alone=time_alone
             )
+        return out, dict(self.explainer.last_timings)
 
     def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         self.configure_model()
+        assert self.explainer is not None
         skipped = getattr(batch, "skipped", ())
         unreadable = [(m.id, m.reason) for m in skipped if m.id not in self._recorded_unreadable]
         self.unreadable += unreadable
@@ -186,12 +260,10 @@ class ExplainerModule(L.LightningModule):
         if todo:
             output = self._explain_batch(todo, batch_idx)
         else:  # done by an earlier attempt of the run: nothing to recompute
-            self.last_eval_timings = {}
-            if self.explainer is not None:
-                self.explainer.last_timings = {}
-            output = PredictOutput({label: [] for label in self.methods}, [])
+            output = PredictOutput({label: [] for label in self.explainer.methods}, [])
         output.unreadable = unreadable
         output.fingerprint = self.fingerprint
+        self.explained.update(output.sample_ids)
         self._evaluate(todo, output)
         return output
 
@@ -199,10 +271,9 @@ class ExplainerModule(L.LightningModule):
         """Evaluate each explained sample into fresh metric copies and keep the states as its contribution.
 
         The contributions go to the output (the writer stores them for resume) and to
-        ``self.contributions`` (merged into the metrics at epoch end). Per-method seconds are in
-        ``last_eval_timings``.
+        ``self.contributions`` (merged into the metrics at epoch end). Per-method seconds are added to
+        ``output.timing`` (``evaluation/<label>``).
         """
-        self.last_eval_timings = {}
         if self.evaluator is None or not self.evaluator.metrics or not output.sample_ids:
             return
         by_id = {s.id: s for s in batch}
@@ -211,12 +282,29 @@ class ExplainerModule(L.LightningModule):
                 continue
             start = time.perf_counter()
             for exp in exps:
-                states, rows = self._evaluate_one(label, by_id[exp.sample_id], exp)
+                sample = by_id[exp.sample_id]
+                states, rows = self._evaluate_one(label, sample, exp)
                 output.contributions.setdefault(exp.sample_id, {})[label] = states
                 output.rows.setdefault(exp.sample_id, {})[label] = rows
-            self.last_eval_timings[f"evaluation/{label}"] = time.perf_counter() - start
+                misses = {
+                    name: unfed_reason(
+                        self.evaluator.kinds[label][name], sample, self.settings.localization_target, self._dataset
+                    )
+                    for name, ids in rows.items()
+                    if not ids
+                }
+                if misses:
+                    output.misses.setdefault(exp.sample_id, {})[label] = misses
+            output.timing[f"evaluation/{label}"] = time.perf_counter() - start
         self.contributions.update(output.contributions)
         self.contribution_rows.update(output.rows)
+        self.misses.update(output.misses)
+
+    @property
+    def _dataset(self) -> str:
+        """Name of the dataset (the datamodule's class without ``DataModule``), for messages."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return type(datamodule).__name__.removesuffix("DataModule") if datamodule is not None else "the dataset"
 
     def _evaluate_one(
         self, label: str, sample: Sample, exp: Explanation
@@ -249,36 +337,54 @@ class ExplainerModule(L.LightningModule):
         return rows
 
     def _explain_batch(self, batch: list[Sample], batch_idx: int) -> PredictOutput:
+        """Explain a batch (one by one if it fails: one bad sample must not kill the run), with its timing.
+
+        Only explained samples are timed; the first ``time_alone_batches`` batches also time each
+        method on its own.
+        """
+        limit = self.hparams.time_alone_batches
+        time_alone = limit < 0 or self._alone_batches < limit
         try:
-            return PredictOutput(self._explain(batch), [s.id for s in batch])
-        except Exception as err:  # one bad sample must not kill the run: retry one by one
+            explanations, laps = self._explain(batch, time_alone)
+            output = PredictOutput(explanations, [s.id for s in batch], timing=laps, timed=len(batch))
+        except Exception as err:
             log.warning("batch %d failed (%s); explaining its samples one by one", batch_idx, err)
-        merged: dict[str, list[Explanation]] = {label: [] for label in self.methods}
-        ids, failures = [], []
+            output = self._explain_one_by_one(batch, time_alone)
+        self._alone_batches += bool(output.sample_ids)
+        return output
+
+    def _explain_one_by_one(self, batch: list[Sample], time_alone: bool) -> PredictOutput:
+        assert self.explainer is not None
+        output = PredictOutput({label: [] for label in self.explainer.methods}, [])
+        timing = PhaseTotals()
         for sample in batch:
             try:
-                single = self._explain([sample])
+                single, laps = self._explain([sample], time_alone)
             except Exception as err:
-                failures.append((sample.id, f"{type(err).__name__}: {err}"))
+                output.failures.append((sample.id, f"{type(err).__name__}: {err}"))
                 log.warning("sample %s skipped: %s", sample.id, err)
                 continue
-            ids.append(sample.id)
+            output.sample_ids.append(sample.id)
+            timing.add(laps, 1)
             for label, exps in single.items():
-                merged[label] += exps
-        self.failed += failures
-        return PredictOutput(merged, ids, failures)
+                output.explanations[label] += exps
+        output.timing, output.timed = timing.seconds, len(output.sample_ids)
+        self.failed += output.failures
+        return output
 
     def on_predict_epoch_end(self) -> None:
         """Compute every metric (synced across processes: every rank takes part), then report on rank 0.
 
         ``self.results[label][metric]`` holds ``value`` (mean over valid samples), ``count`` and
-        ``skipped`` (degenerate samples, never averaged in). Rank 0 logs them through the logger and
-        writes ``results.json`` and ``results.csv`` in the run directory.
+        ``skipped`` (degenerate samples, never averaged in); a metric with no valid sample also holds
+        ``reason`` (why), a method the model cannot run ``n/a`` (why) instead. Rank 0 logs them through
+        the logger and writes ``results.json`` and ``results.csv`` in the run directory. Every
+        collective here has the same shape on every rank, whatever each rank computed.
         """
         rows = self._merge_contributions()
         if self.evaluator is not None:
             self.evaluator.rows = rows
-        results: dict[str, dict[str, dict[str, float]]] = {}
+        results: dict[str, dict[str, dict[str, Any]]] = {}
         for label, group in self.metric_sets.items():
             results[label] = {}
             for name, metric in group.items():
@@ -286,14 +392,64 @@ class ExplainerModule(L.LightningModule):
                 per = metric.per_sample() if hasattr(metric, "per_sample") else torch.empty(0)
                 valid = int(torch.isfinite(per).sum())
                 results[label][name] = {"value": value, "count": valid, "skipped": int(per.numel()) - valid}
-        self.results = results
         self.curves = _mean_curves(self.metric_sets)
-        counts = torch.tensor([float(len(self.failed)), float(len(self.unreadable))], device=self.device)
+        local = [float(len(self.failed)), float(len(self.unreadable)), float(len(self.explained))]
+        counts = torch.tensor(local, device=self.device)
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        self.num_failed, self.num_unreadable = (int(c) for c in counts.tolist())
+        self.num_failed, self.num_unreadable, self.num_explained = (int(c) for c in counts.tolist())
+        misses = sum(
+            gather_objects(count_misses(self.misses[sid] for sid in self.contributions if sid in self.misses)),
+            Counter(),
+        )
+        reasons = zero_count_reasons(results, misses, self.num_explained, self.num_failed, self.num_unreadable)
+        for label, group in reasons.items():
+            for name, why in group.items():
+                results[label][name]["reason"] = why
+        metric_names = next((list(group) for group in self.metric_sets.values()), [])
+        for label, why in self.not_applicable.items():
+            results[label] = {name: {"value": None, "count": 0, "skipped": 0, "n/a": why} for name in metric_names}
+        self.results = {label: results[label] for label in self.method_specs if label in results}
+        self.nothing_evaluated = _nothing_evaluated(
+            self.results, self.num_explained, self.num_unreadable, self.num_failed
+        )
         if self.trainer.is_global_zero:
-            report_results(self.trainer, self, results, self.num_failed, self.num_unreadable, self.curves)
+            report_results(
+                self.trainer, self, self.results, self.num_failed, self.num_unreadable, self.curves, self.not_applicable
+            )
+            for line in zero_count_lines(reasons):
+                print(line)
+
+    def on_predict_end(self) -> None:
+        """Fail a run that evaluated nothing (after every callback logged and wrote what there was)."""
+        if self.nothing_evaluated:
+            raise NothingEvaluatedError(self.nothing_evaluated)
+
+
+def _nothing_evaluated(
+    results: dict[str, dict[str, dict[str, Any]]], explained: int, unreadable: int, failed: int
+) -> str | None:
+    """The error message of a run that evaluated nothing, or ``None``."""
+    if explained == 0:
+        return f"nothing was evaluated: no sample was explained ({unreadable} unreadable, {failed} failed)"
+    counts = [s["count"] for group in results.values() for s in group.values() if not s.get("n/a")]
+    if counts and not any(counts):
+        return f"nothing was evaluated: {explained} samples explained, but no metric received a valid sample"
+    return None
+
+
+def _num_predict_samples(trainer: L.Trainer) -> int | None:
+    """Length of the predict dataset (``None`` when unknown, e.g. an iterable dataset)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    try:
+        loader = (
+            datamodule.predict_dataloader()
+            if datamodule is not None
+            else trainer.predict_loop._data_source.dataloader()
+        )
+        return len(loader.dataset)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def _mean_curves(metric_sets: nn.ModuleDict) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -321,11 +477,15 @@ def report_results(
     num_failed: int,
     num_unreadable: int = 0,
     curves: dict | None = None,
+    not_applicable: dict[str, str] | None = None,
 ) -> None:
     """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table.
 
     ``failed_samples`` counts samples whose explanation raised; ``unreadable_samples`` those whose
     files could not be decoded (dropped by the datamodule's collate), both summed over ranks.
+    ``results.json`` is strict JSON: a value with no valid sample (NaN) is ``null``, beside its
+    ``count``, ``skipped`` and ``reason``; ``not_applicable`` lists the methods the model cannot run.
+    ``results.csv`` writes ``n/a`` for those and keeps the reason in ``note``.
     """
     run_dir = Path(trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +493,16 @@ def report_results(
     dataset = type(datamodule).__name__ if datamodule is not None else "dataloader"
     model = str(module.hparams.model)
     rows = [
-        {"dataset": dataset, "model": model, "method": label, "metric": name, **stats}
+        {
+            "dataset": dataset,
+            "model": model,
+            "method": label,
+            "metric": name,
+            "value": "n/a" if stats.get("n/a") else stats["value"],
+            "count": stats["count"],
+            "skipped": stats["skipped"],
+            "note": stats.get("n/a") or stats.get("reason", ""),
+        }
         for label, group in results.items()
         for name, stats in group.items()
     ]
@@ -342,24 +511,27 @@ def report_results(
         "model": model,
         "failed_samples": num_failed,
         "unreadable_samples": num_unreadable,
+        "not_applicable": not_applicable or {},
         "results": results,
         "curves": curves or {},
     }
     tmp = run_dir / f".results.json.{os.getpid()}.tmp"  # atomic: a reader never sees half a file
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(jsonsafe.dumps(payload, indent=2))
     os.replace(tmp, run_dir / "results.json")
     with open(run_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["dataset", "model", "method", "metric", "value", "count", "skipped"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["dataset", "model", "method", "metric"])
         writer.writeheader()
         writer.writerows(rows)
+    numeric = [r for r in rows if isinstance(r["value"], float)]
     if trainer.logger is not None and rows:
-        trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in rows})
+        trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in numeric})
         trainer.logger.log_metrics({"failed_samples": float(num_failed), "unreadable_samples": float(num_unreadable)})
     if rows:
         width = max(len(r["method"]) for r in rows) + 2
         print(f"{'method':<{width}}{'metric':<24}{'value':>10}{'count':>8}{'skipped':>9}")
         for r in rows:
-            print(f"{r['method']:<{width}}{r['metric']:<24}{r['value']:>10.4f}{r['count']:>8}{r['skipped']:>9}")
+            value = f"{r['value']:>10.4f}" if isinstance(r["value"], float) else f"{r['value']:>10}"
+            print(f"{r['method']:<{width}}{r['metric']:<24}{value}{r['count']:>8}{r['skipped']:>9}")
     print(
         f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} "
         f"({num_failed} samples failed, {num_unreadable} unreadable)"

@@ -13,11 +13,22 @@ Modes (``p`` = a level, the fraction of pixels; ``k = round(p·H·W)`` pixels, P
 
 Choices the paper leaves open:
 
-* Pixel order: a stable descending sort of the upsampled map, ties broken by the lower row-major pixel
-  index. The bottom-k pixels are the last k of that same order, so ``negative`` at level p replaces
-  exactly the complement of what ``positive`` replaces at level 1 − p.
-* Maps of any ``(h, w)`` are upsampled bilinearly (``align_corners=False``) to the resolution of
-  ``pixel_values`` before ranking.
+* Pixel order (:func:`rank_pixels`): the map is quantized at its own resolution to
+  ``rank_levels`` = 256 levels (:func:`quantize_map`: min-max normalized, ``round(x · 255)``, the
+  map as an 8-bit image), upsampled bilinearly (``align_corners=False``, float64) to the resolution of
+  ``pixel_values``, and sorted descending, stably: ties go to the lower row-major pixel index. The
+  bottom-k pixels are the last k of that same order, so ``negative`` at level p replaces exactly the
+  complement of what ``positive`` replaces at level 1 − p.
+  Why quantize: explaining a sample in a batch with others pads its prompt, which moves a map by float
+  noise (≤ 5e-7 on the bundled Shapes model) and used to reorder the near-ties of its float32 upsample;
+  a metric then depended on the batch size and the number of processes (up to 0.12 in one sample's
+  AUC). Ranked this way, the order is a deterministic function of the quantized map: a 1-ulp change
+  moves it only if a token crosses a level boundary (probability ≈ noise × 255 per token). Measured
+  on 100 Shapes samples × 2 methods × 4 batchings (1 vs 4, 16, and the batches of 2 and 3 processes):
+  samples with any different perturbed image — float32 upsample 83/800, float64 upsample 0/800,
+  quantized low-res map 0/800 at 2^8 to 2^16 levels and 4/192 at 2^20, quantized *upsampled* map 2/800
+  at 2^10 and 2^12 (4096 pixels to cross boundaries instead of 64 tokens). 256 levels keep the
+  boundaries as sparse as an 8-bit heatmap's; ``rank_levels=None`` ranks the unquantized map.
 * Replacement value: the dataset mean, which is 0 after the processor's mean/std normalization
   (``replacement=0.0``); a datamodule with another mean passes its own (scalar or per channel, in
   ``pixel_values`` space; :func:`replacement_value` converts an RGB mean in [0, 1]).
@@ -25,8 +36,8 @@ Choices the paper leaves open:
   (the σ of RISE's reference insertion code) on the ``pixel_values`` grid, a separable kernel
   truncated at 3σ, replicate padding. ``blur_sigma`` changes it.
 * Level grids: ``positive``/``negative`` default to the paper's 0, 0.1, …, 0.9; ``deletion``,
-  ``insertion`` and ``pic`` to 0, 0.1, …, 1.0 so that their curves run between the original image and
-  the fully perturbed one. ``pic`` levels must start at 0 (fully obscured) and end at 1 (original).
+  ``insertion`` and ``pic`` to 0, 0.1, …, 1.0, and their grids must start at 0 and end at 1: their
+  metrics normalize each curve between the original image and the fully perturbed one.
 * Identical images are scored once: level 0 of the removal modes and level 1 of the reveal modes are
   the original image; ``pic`` at p equals ``negative`` at 1 − p; ``deletion`` equals ``positive``.
 """
@@ -62,10 +73,18 @@ DEFAULT_LEVELS: dict[str, tuple[float, ...]] = {
 }
 DEFAULT_BLUR_SIGMA = 5.0
 DEFAULT_MAX_BATCH = 16
+RANK_LEVELS = 256
+"""Quantization levels of a map before it is ranked (:func:`rank_pixels`)."""
 
 # How each mode builds its image: (fill, which pixels are replaced by the fill, as a function of k).
 _FILL = {"positive": "mean", "deletion": "mean", "negative": "mean", "insertion": "blur", "pic": "mean"}
 _REVEAL = {"insertion", "pic"}
+# Modes whose curves are normalized between their two end images, so both must be on the grid.
+_ENDS = {
+    "deletion": "the original and the all-mean image",
+    "insertion": "the fully blurred image and the original",
+    "pic": "the fully obscured image and the original",
+}
 
 ImageKey = tuple[Any, ...]
 
@@ -81,13 +100,35 @@ def _as_chw(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_map(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly upsample an ``(h, w)`` map to ``size = (H, W)`` (``align_corners=False``)."""
+    """Bilinearly upsample an ``(h, w)`` map to ``size = (H, W)`` (``align_corners=False``), in float64."""
     if heatmap.ndim != 2:
         raise ValueError(f"heatmap must be (h, w), got {tuple(heatmap.shape)}")
-    work = heatmap.detach().to(torch.promote_types(heatmap.dtype, torch.float32))
+    work = heatmap.detach().to(torch.float64)
     if tuple(work.shape) == tuple(size):
         return work
     return F.interpolate(work[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def quantize_map(heatmap: torch.Tensor, levels: int = RANK_LEVELS) -> torch.Tensor:
+    """A map's level in ``0 … levels − 1``: ``round((E − min E) / (max E − min E) · (levels − 1))``, float64.
+
+    Rounding is half to even; a constant map is all level 0. Quantizing makes a pixel order robust to
+    float noise (see the module docstring).
+
+    Raises:
+        ValueError: The map holds NaN or infinite values, or ``levels < 2``.
+    """
+    if levels < 2:
+        raise ValueError(f"rank_levels must be at least 2 (or None), got {levels}")
+    work = heatmap.detach().to(torch.float64)
+    if not torch.isfinite(work).all():
+        raise ValueError("the heatmap holds NaN or infinite values")
+    if work.numel() == 0:
+        return work
+    lo, span = work.min(), work.max() - work.min()
+    if span <= 0:
+        return torch.zeros_like(work)
+    return torch.round((work - lo) / span * (levels - 1))
 
 
 def pixel_order(heatmap: torch.Tensor) -> torch.Tensor:
@@ -96,6 +137,22 @@ def pixel_order(heatmap: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(flat).all():
         raise ValueError("the heatmap holds NaN or infinite values")
     return torch.sort(flat, descending=True, stable=True).indices
+
+
+def rank_pixels(heatmap: torch.Tensor, size: tuple[int, int], levels: int | None = RANK_LEVELS) -> torch.Tensor:
+    """The perturbation order of the ``size = (H, W)`` pixels: quantize the map, upsample it, sort it.
+
+    Args:
+        heatmap: ``(h, w)`` map at its own resolution (e.g. the token grid).
+        size: Resolution of the perturbed image.
+        levels: Quantization levels (:func:`quantize_map`); ``None`` ranks the unquantized map.
+
+    Returns:
+        ``(H·W,)`` row-major pixel indices, most important first (:func:`pixel_order`).
+    """
+    if heatmap.ndim != 2:
+        raise ValueError(f"heatmap must be (h, w), got {tuple(heatmap.shape)}")
+    return pixel_order(upsample_map(heatmap if levels is None else quantize_map(heatmap, levels), size))
 
 
 def level_counts(levels: Sequence[float], num_pixels: int) -> list[int]:
@@ -179,10 +236,11 @@ def perturb(
     mode: str = "positive",
     replacement: float | Sequence[float] | torch.Tensor = 0.0,
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    rank_levels: int | None = RANK_LEVELS,
 ) -> torch.Tensor:
     """Every perturbed image of one mode: ``(L, C, H, W)``, one per level (see the module docstring)."""
     original = _as_chw(pixel_values)
-    order = pixel_order(upsample_map(heatmap.to(original.device), tuple(original.shape[-2:])))
+    order = rank_pixels(heatmap.to(original.device), tuple(original.shape[-2:]), rank_levels)
     fills = _fills(original, [mode], replacement, blur_sigma)
     keys = [_image_key(mode, k, order.numel()) for k in level_counts(levels, order.numel())]
     return torch.stack([_build_image(key, original, fills, order) for key in keys])
@@ -329,8 +387,8 @@ def _levels_by_mode(
         out[mode] = [float(p) for p in chosen]
         if not out[mode]:
             raise ValueError(f"mode {mode!r} has no levels")
-        if mode == "pic" and (out[mode][0] != 0.0 or out[mode][-1] != 1.0):
-            raise ValueError("pic levels must start at 0 (fully obscured image) and end at 1 (original image)")
+        if mode in _ENDS and (out[mode][0] != 0.0 or out[mode][-1] != 1.0):
+            raise ValueError(f"{mode} levels must start at 0 and end at 1 ({_ENDS[mode]}), got {out[mode]}")
     return out
 
 
@@ -345,6 +403,7 @@ def perturbation_curves(
     max_batch: int | None = DEFAULT_MAX_BATCH,
     replacement: float | Sequence[float] | torch.Tensor = 0.0,
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    rank_levels: int | None = RANK_LEVELS,
 ) -> dict[str, PerturbationCurve]:
     """Perplexity curves of one sample for several modes, every distinct image scored once, batched.
 
@@ -359,6 +418,7 @@ def perturbation_curves(
         max_batch: Images per forward (``None``: all images in one forward).
         replacement: Dataset mean in ``pixel_values`` space (scalar or per channel).
         blur_sigma: σ in pixels of the insertion blur.
+        rank_levels: Quantization levels of the map before ranking (:func:`rank_pixels`).
 
     Returns:
         One :class:`PerturbationCurve` per mode.
@@ -366,7 +426,7 @@ def perturbation_curves(
     """
     original = _as_chw(pixel_values)
     grids = _levels_by_mode(modes, levels)
-    order = pixel_order(upsample_map(heatmap.to(original.device), tuple(original.shape[-2:])))
+    order = rank_pixels(heatmap.to(original.device), tuple(original.shape[-2:]), rank_levels)
     fills = _fills(original, modes, replacement, blur_sigma)
     n = order.numel()
     keys_by_mode = {m: [_image_key(m, k, n) for k in level_counts(grids[m], n)] for m in modes}
@@ -412,7 +472,7 @@ def perturbation_curve(
 
     A text prompt is encoded with ``adapter.encode_prompts``; given ``pixel_values`` and a text prompt,
     the prompt ids come from a blank image of the same size (LLaVA prompt ids depend on the image only
-    through its size). ``options`` go to :func:`perturbation_curves` (``replacement``, ``blur_sigma``).
+    through its size). ``options`` go to :func:`perturbation_curves` (``replacement``, ``blur_sigma``, ``rank_levels``).
     """
     if isinstance(image_or_pixel_values, Image.Image):
         prompt_ids, image_inputs = adapter.encode_prompts([image_or_pixel_values], [_text(prompt, "prompt")])

@@ -6,6 +6,8 @@ The naive DEX-AR gradient: a full eager forward (no detaching, full attention te
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -83,6 +85,19 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
     return grads, rows
 
 
+def naive_aggregate(values: list[float], mode: str) -> float:
+    """A head filter's aggregation of a Python list of non-negative values (0 for an empty list)."""
+    if not values:
+        return 0.0
+    if mode == "max":
+        return max(values)
+    if mode == "avg":
+        return sum(values) / len(values)
+    p = float(mode[4:])  # top-p: mean of the ceil(p·n) largest, at least one
+    k = max(1, math.ceil(p * len(values) - 1e-9))
+    return sum(sorted(values, reverse=True)[:k]) / k
+
+
 def naive_dexar(
     grads: torch.Tensor,
     image_positions: torch.Tensor,
@@ -90,8 +105,13 @@ def naive_dexar(
     grid: tuple[int, int],
     relu: bool = True,
     filler_filter: bool = True,
+    head_filter: str = "max",
+    layers: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DEX-AR with the paper's max head filter, written loop by loop.
+    """DEX-AR written loop by loop over tokens, layers, heads and columns, in Python floats.
+
+    ``m_V``, ``m_T`` aggregate one head's positive image / text gradients with ``head_filter``
+    (``none``: head weight 1, ``max`` for λ); ``λ_t = ReLU(max_{l,h} m_V − max_{l,h} m_T)``.
 
     Args:
         grads: ``(L, H, T, N)`` from :func:`naive_layer_grads`.
@@ -100,30 +120,35 @@ def naive_dexar(
         grid: ``(h, w)``.
         relu: Apply ReLU to the image gradients in the map.
         filler_filter: Token weights λ_t (else 1).
+        head_filter: ``max``, ``avg``, ``none`` or ``top-p``.
+        layers: ``all`` or ``last``.
 
     Returns:
         ``(token_maps (T, h, w), token_weights (T,), sequence_map (h, w))``.
 
     """
     n_layers, n_heads, length, _ = grads.shape
+    mode = "max" if head_filter == "none" else head_filter
+    layer_ids = range(n_layers) if layers == "all" else [n_layers - 1]
     maps, weights = [], []
     for t in range(length):
-        raw = torch.zeros(len(image_positions), dtype=grads.dtype)
+        raw = [0.0] * len(image_positions)
         best_v, best_t = 0.0, 0.0
-        for layer in range(n_layers):
+        for layer in layer_ids:
             for head in range(n_heads):
-                g = grads[layer, head, t]
-                g_v = g[image_positions]
-                m_v = max(float(x) for x in g_v.clamp(min=0))
-                m_t = max([float(g[j].clamp(min=0)) for j in text_positions[t]] or [0.0])
-                w = max(m_v - m_t, 0.0)
-                raw += w * (g_v.clamp(min=0) if relu else g_v)
+                g = [float(x) for x in grads[layer, head, t]]
+                g_v = [g[int(j)] for j in image_positions]
+                m_v = naive_aggregate([max(x, 0.0) for x in g_v], mode)
+                m_t = naive_aggregate([max(g[j], 0.0) for j in text_positions[t]], mode)
+                w = 1.0 if head_filter == "none" else max(m_v - m_t, 0.0)
+                for i, x in enumerate(g_v):
+                    raw[i] += w * (max(x, 0.0) if relu else x)
                 best_v, best_t = max(best_v, m_v), max(best_t, m_t)
-        lo, hi = raw.min(), raw.max()
-        maps.append((raw - lo) / (hi - lo) if hi > lo else torch.zeros_like(raw))
+        lo, hi = min(raw), max(raw)
+        maps.append([(x - lo) / (hi - lo) if hi > lo else 0.0 for x in raw])
         weights.append(max(best_v - best_t, 0.0) if filler_filter else 1.0)
-    token_maps = torch.stack(maps).view(length, *grid)
-    token_weights = torch.tensor(weights, dtype=grads.dtype)
+    token_maps = torch.tensor(maps, dtype=torch.float64).view(length, *grid)
+    token_weights = torch.tensor(weights, dtype=torch.float64)
     seq = (token_weights[:, None, None] * token_maps).sum(0)
     lo, hi = seq.min(), seq.max()
     seq = (seq - lo) / (hi - lo) if hi > lo else torch.zeros_like(seq)

@@ -7,6 +7,15 @@ every ``wandb/offline-run-*`` directory (the logged CLI config holds the experim
 history the ``<method>/<metric>`` values). Each result is placed by its attributes (``model``, ``dataset``,
 grid axes, ``method``) into the rows and column groups of its table (:data:`TABLES`); a cell shows
 ``ours (paper)`` where the paper reports the same setting, and only ours elsewhere (e.g. on Shapes).
+``experiment.attrs.method_attrs`` (``{label: {attribute: value}}``) overrides attributes per method label,
+so settings run side by side in one run can fill different cells (e.g. table 8's filler on/off columns).
+Runs of no paper table (no ``variant.json``, e.g. the default run) go to one more table, a row per run
+directory and method, a column per metric they report.
+
+sec/img is the paper's: each method run on its own (``alone`` in ``timing.json``, see
+:mod:`dexar.phase_timing`); ``shared sec/img`` is our own column, the method's cost in the run (the
+trace shared by all methods of the run plus its own work). A method the model cannot run reads
+``n/a (<reason>)``.
 
 Outputs: ``report.md`` (all tables), ``<table>.csv`` (same layout, raw keys), and PNGs of the mean
 perturbation curves and an overlay gallery (see :mod:`dexar.report_plots`).
@@ -23,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dexar.paper_numbers import PAPER
+from dexar.phase_timing import method_seconds
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class TableSpec:
 
 
 _PERT = (("pos_auc", "Pos. ↑", 1.0), ("neg_auc", "Neg. ↓", 1.0))
+_SEC = (("sec_per_img", "sec/img", 1.0), ("shared_sec_per_img", "shared sec/img", 1.0))
+"""The paper's sec/img (the method alone) and ours beside it (its share of a run with every method)."""
+OTHER_RUNS = "runs"
+"""Table key of the runs of no paper table (one row per run directory and method)."""
 TABLES: dict[str, TableSpec] = {
     t.key: t
     for t in (
@@ -53,7 +67,7 @@ TABLES: dict[str, TableSpec] = {
             "Table 1: perturbation AUC (ImageNet, VQAv2) and sec/img",
             ("model", "method"),
             ("dataset",),
-            (*_PERT, ("sec_per_img", "sec/img", 1.0)),
+            (*_PERT, *_SEC),
         ),
         TableSpec("table1b", "Florence-2 / PaliGemma: perturbation AUC", ("model", "method"), ("dataset",), _PERT),
         TableSpec(
@@ -72,10 +86,10 @@ TABLES: dict[str, TableSpec] = {
         ),
         TableSpec(
             "table4",
-            "Table 4: head × filler-word filtering (filler SNR, mask MSE, EPG %)",
+            "Table 4: head × filler-word filtering (filler SNR in dB, mask MSE, EPG %)",
             ("head", "filler"),
             ("model",),
-            (("filler_snr", "SNR ↑", 1.0), ("mse", "MSE ↓", 1.0), ("epg", "EPG ↑", 100.0)),
+            (("filler_snr", "SNR dB ↑", 1.0), ("mse", "MSE ↓", 1.0), ("epg", "EPG ↑", 100.0)),
         ),
         TableSpec(
             "table5",
@@ -94,16 +108,16 @@ TABLES: dict[str, TableSpec] = {
                 ("pic_auc", "IC ↑", 1.0),
                 ("insertion_auc", "Insert. ↓", 1.0),
                 ("deletion_auc", "Del. ↑", 1.0),
-                ("sec_per_img", "sec/img", 1.0),
+                *_SEC,
             ),
         ),
         TableSpec("table7", "Table 7: TAM vs DEX-AR (perturbation AUC)", ("model", "method"), (), _PERT),
         TableSpec(
             "table8",
-            "Table 8: filler SNR on ImageNet-C (severity 5)",
+            "Table 8: filler SNR (dB) by head filter; columns: corruption (ImageNet-C severity 5), filler filter ✓/✗",
             ("method",),
-            ("corruption",),
-            (("filler_snr", "SNR ↑", 1.0),),
+            ("corruption", "filler"),
+            (("filler_snr", "SNR dB ↑", 1.0),),
         ),
     )
 }
@@ -118,6 +132,7 @@ DISPLAY = {
     "rise": "RISE",
     "iia": "IIA",
     "tam": "TAM",
+    "tam_authors": "TAM (authors' indexing)",
     "dexar": "DEX-AR",
     "llava-1.5": "LLaVA-1.5",
     "bakllava": "BakLLaVA-v1",
@@ -134,14 +149,32 @@ DISPLAY = {
 
 
 def display(value: str) -> str:
-    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``)."""
+    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``).
+
+    A ``_nofiller`` suffix (the filler filter off) reads ``(filler ✗)``.
+    """
     if value in DISPLAY:
         return DISPLAY[value]
+    if value.endswith("_nofiller"):
+        return f"{display(value.removesuffix('_nofiller'))} (filler ✗)"
     if value.startswith("dexar_top") and value[9:].isdigit():
         return f"top-{int(value[9:]) / 100:g}"
     if value.startswith("dexar_"):
         return value[6:]
     return value
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    """A cell of a method the model cannot run (``n/a`` in ``results.json``), with the reason."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"n/a ({self.reason})"
+
+
+Cell = float | NotApplicable
 
 
 @dataclass
@@ -156,6 +189,7 @@ class Run:
         curves: Method label → curve metric → ``{"levels", "y"[, "x"]}``.
         seconds_per_image: Timing phases (``trace``, ``generation``, ``method/<label>``, ...).
         mtime: Modification time of the results (newest wins when two runs fill one cell).
+        method_attrs: Method label → attributes replacing ``attrs`` (and ``method``) for its results.
     """
 
     path: Path
@@ -165,21 +199,38 @@ class Run:
     curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     seconds_per_image: dict[str, float] = field(default_factory=dict)
     mtime: float = 0.0
+    method_attrs: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def values(self) -> Iterable[tuple[str, str, float]]:
-        """``(method label, metric, value)`` of every result, plus ``sec_per_img`` per method if timed."""
+    def values(self) -> Iterable[tuple[str, str, Cell]]:
+        """``(method label, metric, value)`` of every result, and each method's times.
+
+        Times (if measured): ``sec_per_img`` (the method alone, the paper's) and ``shared_sec_per_img``
+        (its cost in this run). A ``null`` value (no valid sample) is NaN; a method the model cannot run gives
+        :class:`NotApplicable` for its metrics and times.
+        """
+        seconds = method_seconds(self.seconds_per_image)
         for label, group in self.results.items():
+            reason = next((s["n/a"] for s in group.values() if s.get("n/a")), None)
             for metric, stats in group.items():
-                yield label, metric, float(stats["value"])
-            if f"method/{label}" in self.seconds_per_image:
-                t = self.seconds_per_image
-                yield label, "sec_per_img", t.get("trace", 0.0) + t.get("generation", 0.0) + t[f"method/{label}"]
+                value = stats.get("value")
+                yield label, metric, NotApplicable(reason) if reason else float("nan" if value is None else value)
+            if reason:
+                yield label, "sec_per_img", NotApplicable(reason)
+                yield label, "shared_sec_per_img", NotApplicable(reason)
+            for key, name in (("alone", "sec_per_img"), ("shared", "shared_sec_per_img")):
+                if key in seconds.get(label, {}):
+                    yield label, name, seconds[label][key]
 
 
 def _attrs(record: dict[str, Any]) -> dict[str, str]:
-    out = {str(k): _label(v) for k, v in (record.get("attrs") or {}).items()}
+    out = {str(k): _label(v) for k, v in (record.get("attrs") or {}).items() if k != "method_attrs"}
     out.update({str(k): str(v) for k, v in (record.get("variant") or {}).items()})
     return out
+
+
+def _method_attrs(record: dict[str, Any]) -> dict[str, dict[str, str]]:
+    given = (record.get("attrs") or {}).get("method_attrs") or {}
+    return {str(label): {str(k): _label(v) for k, v in attrs.items()} for label, attrs in given.items()}
 
 
 def _label(value: Any) -> str:
@@ -188,8 +239,12 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-def read_results_dir(path: Path) -> Run:
-    """A run from ``results.json`` (+ ``variant.json``, ``timing.json``) in ``path``."""
+def read_results_dir(path: Path, name: str | None = None) -> Run:
+    """A run from ``results.json`` (+ ``variant.json``, ``timing.json``) in ``path``.
+
+    Without ``variant.json`` (a run of no paper table) the run goes to the :data:`OTHER_RUNS` table
+    as attribute ``run`` = ``name`` (default: the directory name).
+    """
     try:
         payload = json.loads((path / "results.json").read_text())
     except (OSError, ValueError) as err:
@@ -198,12 +253,13 @@ def read_results_dir(path: Path) -> Run:
     timing = json.loads((path / "timing.json").read_text()) if (path / "timing.json").is_file() else {}
     return Run(
         path=path,
-        table=variant.get("table"),
-        attrs=_attrs(variant),
+        table=variant.get("table") or OTHER_RUNS,
+        attrs=_attrs(variant) if variant else {"run": name or path.name},
         results=payload.get("results", {}),
         curves=payload.get("curves", {}),
         seconds_per_image=timing.get("seconds_per_image", {}),
         mtime=(path / "results.json").stat().st_mtime,
+        method_attrs=_method_attrs(variant),
     )
 
 
@@ -229,11 +285,14 @@ def read_wandb_dir(path: Path) -> Run:
             results.setdefault(head, {})[name] = {"value": float(value)}
     return Run(
         path=path,
-        table=experiment.get("table"),
-        attrs=_attrs({"attrs": experiment.get("attrs"), "variant": cli.get("variant")}),
+        table=experiment.get("table") or OTHER_RUNS,
+        attrs=_attrs({"attrs": experiment.get("attrs"), "variant": cli.get("variant")})
+        if experiment
+        else {"run": path.name},
         results=results,
         seconds_per_image=timing,
         mtime=path.stat().st_mtime,
+        method_attrs=_method_attrs(experiment),
     )
 
 
@@ -244,7 +303,7 @@ def collect(paths: Sequence[str | Path]) -> list[Run]:
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such run directory")
         result_dirs = {p.parent for p in root.rglob("results.json")}
-        runs += [read_results_dir(d) for d in sorted(result_dirs)]
+        runs += [read_results_dir(d, _run_name(root, d)) for d in sorted(result_dirs)]
         for wandb_dir in sorted(root.rglob("offline-run-*")):
             owner = wandb_dir.parent.parent if wandb_dir.parent.name == "wandb" else wandb_dir.parent
             if owner not in result_dirs and any(wandb_dir.glob("run-*.wandb")):
@@ -252,14 +311,28 @@ def collect(paths: Sequence[str | Path]) -> list[Run]:
     return runs
 
 
+def _run_name(root: Path, run_dir: Path) -> str:
+    """How a run of no paper table is named in the report: its directory relative to the given path."""
+    relative = run_dir.relative_to(root).as_posix()
+    return root.resolve().name if relative == "." else relative
+
+
+def other_runs_spec(runs: Sequence[Run]) -> TableSpec:
+    """The table of the runs of no paper table: a row per run and method, a column per metric found."""
+    names = dict.fromkeys(m for r in runs if r.table == OTHER_RUNS for _, m, _ in r.values())
+    sec = [m for m, _, _ in _SEC]
+    metrics = tuple((m, m, 1.0) for m in names if m not in sec) + tuple(t for t in _SEC if t[0] in names)
+    return TableSpec(OTHER_RUNS, "Runs of no paper table", ("run", "method"), (), metrics)
+
+
 @dataclass
 class Table:
-    """A filled table: ``cells[(row, group, metric)] = ours`` (scaled) and the paper's numbers."""
+    """A filled table: ``cells[(row, group, metric)] = ours`` (scaled, or ``n/a``) and the paper's numbers."""
 
     spec: TableSpec
     rows: list[tuple[str, ...]]
     groups: list[tuple[str, ...]]
-    cells: dict[tuple[tuple[str, ...], tuple[str, ...], str], float]
+    cells: dict[tuple[tuple[str, ...], tuple[str, ...], str], Cell]
     paper: dict[tuple[tuple[str, ...], tuple[str, ...], str], float]
     runs: int
 
@@ -280,12 +353,12 @@ def build_table(spec: TableSpec, runs: Sequence[Run]) -> Table:
         for label, metric, value in run.values():
             if metric not in scale:
                 continue
-            attrs = {**run.attrs, "method": label}
+            attrs = {**run.attrs, "method": label, **run.method_attrs.get(label, {})}
             if not all(k in attrs for k in spec.rows + spec.groups):
                 continue
             row = tuple(attrs[k] for k in spec.rows)
             group = tuple(attrs[k] for k in spec.groups)
-            cells[(row, group, metric)] = value * scale[metric]
+            cells[(row, group, metric)] = value if isinstance(value, NotApplicable) else value * scale[metric]
             placed = True
         used += placed
     paper = PAPER.get(spec.key, {})
@@ -294,10 +367,15 @@ def build_table(spec: TableSpec, runs: Sequence[Run]) -> Table:
     return Table(spec, rows, groups, cells, paper, used)
 
 
-def format_value(value: float | None) -> str:
-    """Two decimals as in the paper (three below 1, where two hide the differences); empty for ``None``."""
+def format_value(value: Cell | None) -> str:
+    """Two decimals as in the paper (three below 1, where two hide the differences).
+
+    ``None`` (no run) is empty; a method the model cannot run reads ``n/a (<reason>)``.
+    """
     if value is None:
         return ""
+    if isinstance(value, NotApplicable):
+        return str(value)
     if math.isnan(value):
         return "nan"
     return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
@@ -344,7 +422,8 @@ def write_csv(table: Table, path: Path) -> None:
             values = []
             for g, m, _ in cols:
                 ours, paper = table.cells.get((row, g, m)), table.paper.get((row, g, m))
-                values += ["" if ours is None else repr(ours), "" if paper is None else f"{paper:.2f}"]
+                text = "" if ours is None else "n/a" if isinstance(ours, NotApplicable) else repr(ours)
+                values += [text, "" if paper is None else f"{paper:.2f}"]
             writer.writerow([*row, *values])
 
 
@@ -356,7 +435,7 @@ def report(paths: Sequence[str | Path], out: str | Path, gallery_samples: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts = []
-    for spec in TABLES.values():
+    for spec in [*TABLES.values(), other_runs_spec(runs)]:
         table = build_table(spec, runs)
         if not table.cells:
             continue
@@ -366,9 +445,9 @@ def report(paths: Sequence[str | Path], out: str | Path, gallery_samples: int = 
         figures = draw_curves(spec, mine, out) + draw_gallery(spec, mine, out, gallery_samples)
         if figures:
             parts.append(" ".join(f"![{p.stem}]({p.name})" for p in figures))
-    skipped = [r for r in runs if r.table not in TABLES]
-    if skipped:
-        parts.append(f"{len(skipped)} run(s) without a paper table (no variant.json / experiment.table) were skipped.")
-    text = "\n\n".join(parts) if parts else "no paper runs found"
+    unknown = sorted({str(r.table) for r in runs if r.table not in TABLES and r.table != OTHER_RUNS})
+    if unknown:
+        parts.append(f"run(s) of unknown table(s) {', '.join(unknown)} were skipped (known: {', '.join(TABLES)}).")
+    text = "\n\n".join(parts) if parts else "no runs found"
     (out / "report.md").write_text(text + "\n")
     return text

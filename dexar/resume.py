@@ -24,12 +24,16 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
+from dexar.phase_timing import PhaseTotals
+
 MetricStates = dict[str, torch.Tensor]
 """State name → tensor of one metric (a ``cat`` state is concatenated along dim 0)."""
 Contribution = dict[str, dict[str, MetricStates]]
 """Method label → metric name → states: what one sample added to the metrics."""
 Rows = dict[str, dict[str, list[str]]]
 """Method label → metric name → row ids one sample produced (see ``Evaluator.rows``)."""
+Misses = dict[str, dict[str, str]]
+"""Method label → metric name → why one sample produced no row for the metric."""
 
 
 def _reduction(metric: Metric, name: str) -> str:
@@ -94,12 +98,20 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 class Progress:
     """What the shards of an earlier attempt of a run hold.
 
+    ``done``, ``fingerprints`` and ``shards`` cover every shard. The rest covers the shards a process
+    **owns** (see :func:`owner_rank`), so that summed over the processes of the new attempt each
+    sample, failure and second counts once, and each process holds what it held in an uninterrupted
+    run with as many processes (same per-rank sums: the same results, bit for bit).
+
     Attributes:
         done: Ids of samples already handled (explained, failed or unreadable): never recomputed.
         failures: ``(sample_id, message)`` of samples whose explanation raised.
         unreadable: ``(sample_id, reason)`` of samples whose files could not be decoded.
+        explained: Ids of the samples explained.
         contributions: Sample id → per-sample metric states (see :data:`Contribution`).
         rows: Sample id → row ids of those states.
+        misses: Sample id → method label → metric → why the sample gave the metric no row.
+        timing: Measured seconds and images per phase (:mod:`dexar.phase_timing`).
         fingerprints: Settings fingerprints found in the shards.
         shards: Number of shard files read.
     """
@@ -107,10 +119,23 @@ class Progress:
     done: set[str] = field(default_factory=set)
     failures: list[tuple[str, str]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    explained: set[str] = field(default_factory=set)
     contributions: dict[str, Contribution] = field(default_factory=dict)
     rows: dict[str, Rows] = field(default_factory=dict)
+    misses: dict[str, Misses] = field(default_factory=dict)
+    timing: PhaseTotals = field(default_factory=PhaseTotals)
     fingerprints: set[str] = field(default_factory=set)
     shards: int = 0
+
+
+def owner_rank(shard_rank: int, world_size: int) -> int:
+    """The process of this attempt that takes over the shards process ``shard_rank`` wrote.
+
+    ``shard_rank % world_size``: with the same number of processes every rank takes back its own
+    shards (the sampler gives it the same samples again); with fewer, the extra ranks' shards are
+    spread over the others.
+    """
+    return shard_rank % max(1, world_size)
 
 
 def sorted_ids(ids: Iterable[str]) -> list[str]:

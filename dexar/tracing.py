@@ -437,14 +437,20 @@ def _slice_sequence(value: Any, n: int, start: int, stop: int, dim: int) -> Any:
     return value
 
 
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A decoder layer's call kwargs with its KV cache set to ``None``, under the name the call used.
+
+    transformers renamed the layers' ``past_key_values`` to ``cache``; passing both raises a FutureWarning.
+    """
+    return {**kwargs, "use_cache": False, **{k: None for k in ("cache", "past_key_values") if k in kwargs}}
+
+
 def _rerun_answer_rows(
     layer: nn.Module, index: int, args: tuple, kwargs: dict, n: int, start: int, stop: int, state: _CaptureState
 ) -> torch.Tensor:
     """Decoder layer ``index`` on its answer rows only, with grad; attention rows come from the leaf."""
     hidden = (args[0] if args else kwargs["hidden_states"]).detach()[:, start:stop]
-    rows_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    rows_kwargs["past_key_values"] = None
-    rows_kwargs["use_cache"] = False
+    rows_kwargs = _without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"})
     if "position_embeddings" in rows_kwargs:  # (cos, sin): sequence on dim -2 (also M-RoPE's (3, B, N, d))
         rows_kwargs["position_embeddings"] = _slice_sequence(rows_kwargs["position_embeddings"], n, start, stop, -2)
     for key in ("position_ids", "cache_position"):
@@ -949,7 +955,7 @@ def grad_weighted_attention(
             handle.remove()
         lower = [state.full_probs[i] for i in range(last)]
         own = state.full_probs[last].detach()
-        args, kwargs = call["args"], {**call["kwargs"], "past_key_values": None, "use_cache": False}
+        args, kwargs = call["args"], _without_cache(call["kwargs"])
         total = None
         for beta in last_scales:
             state.inject[last] = (own * beta).requires_grad_(True)

@@ -2,7 +2,14 @@
 
 from metrics.base import CurveMeanMetric, SampleMeanMetric
 from metrics.filler import FillerSNR
-from metrics.localization import BestThresholdIoU, EnergyPointingGame, MaskMSE, MaskSNR, SoftIoU
+from metrics.localization import (
+    BestThresholdIoU,
+    EnergyPointingGame,
+    MaskMSE,
+    MaskSNR,
+    SoftIoU,
+    UnseenMaskFraction,
+)
 from metrics.perturbation import PICAUC, DeletionAUC, InsertionAUC, NegativePerturbationAUC, PerturbationAUC
 
 __all__ = [
@@ -19,4 +26,5 @@ __all__ = [
     "PerturbationAUC",
     "SampleMeanMetric",
     "SoftIoU",
+    "UnseenMaskFraction",
 ]

@@ -1,4 +1,4 @@
-"""Filler-word filtering metric (paper section 4, "Filler-words Filtering Evaluation")."""
+"""Filler-word filtering metric (paper section 4, "Filler-words Filtering Evaluation"; appendix L)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,34 @@ from metrics.base import SampleMeanMetric
 
 
 class FillerSNR(SampleMeanMetric):
-    """Mean filler SNR: mean λ over content tokens over mean λ over filler tokens.
+    """Mean filler SNR in dB: content tokens' mean share of the sequence map over filler tokens'.
 
-    See :func:`metrics.functional.filler_snr`; samples without content or filler tokens, or with all
-    weights zero, are skipped and counted.
+    A token's share is ``λ_t · Σ_pixels E_t`` (its weight times the mass of its min-max map, as it
+    enters eq. 6). See :func:`metrics.functional.filler_snr` for the reading (decibels, floor) and its
+    evidence; samples without content or filler tokens, or with all shares zero, are skipped and counted.
 
     Args:
-        eps: Floor of the filler mean relative to the peak weight (caps a perfect filter at ``1 / eps``).
+        eps: Floor of both mean shares relative to the peak share (caps a perfect filter at
+            ``10·log10(1 / eps)``, 156.5 dB by default).
+        decibels: Per-sample values in dB (default, the paper's scale) or as plain ratios.
 
     """
 
     input_kind = "filler"
     higher_is_better = True
+    plot_lower_bound = None  # decibels take either sign
 
-    def __init__(self, eps: float = MF.DEFAULT_SNR_EPS, **kwargs: Any) -> None:
+    def __init__(self, eps: float = MF.DEFAULT_FILLER_EPS, decibels: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.eps = eps
+        self.decibels = decibels
 
     def update(
         self,
         token_weights: torch.Tensor | Sequence[torch.Tensor],
         content_mask: torch.Tensor | Sequence[torch.Tensor],
+        map_mass: torch.Tensor | Sequence[torch.Tensor],
         valid: torch.Tensor | None = None,
     ) -> None:
-        """Lists of ``(T_i,)`` weights and content flags, or padded ``(N, T)`` tensors with ``valid``."""
-        self._add_values(MF.filler_snr(token_weights, content_mask, valid, self.eps))
+        """Lists of ``(T_i,)`` weights, content flags and map masses, or padded ``(N, T)`` with ``valid``."""
+        self._add_values(MF.filler_snr(token_weights, content_mask, map_mass, valid, self.eps, self.decibels))

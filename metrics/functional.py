@@ -4,6 +4,10 @@ Paper section 4 and appendix F. Shapes: maps ``(N, H, W)`` ≥ 0, masks ``(N, H,
 ``ignore`` ``(N, H, W)`` bool (pixels excluded from every metric, e.g. VOC's boundary label 255); the
 *valid* pixels of a sample are those not ignored. Every function returns ``(N,)`` values.
 
+The model's view: pixels the model never saw (e.g. outside LLaVA-1.5's center crop) carry no map and
+cannot be scored; :func:`outside_view` adds them to ``ignore`` (what the metric classes do with their
+``seen`` argument) and :func:`unseen_mask_fraction` reports how much of each mask they hold.
+
 Rule for degenerate inputs: a value is NaN exactly when the formula is undefined (0/0, or a mean over
 an empty set: no valid pixel, no token of a kind, an all-zero map where a ratio needs energy, a curve
 with non-finite values). Every other case gets the formula's value; each docstring lists its cases.
@@ -31,15 +35,19 @@ __all__ = [
     "insertion_curve",
     "mask_mse",
     "mask_snr",
+    "normalize_between_ends",
     "normalized_perplexity",
     "perturbation_auc",
     "pic_auc",
     "pic_curve",
+    "outside_view",
     "soft_iou",
+    "unseen_mask_fraction",
     "webp_size",
 ]
 
 DEFAULT_SNR_EPS = 1e-3
+DEFAULT_FILLER_EPS = float(torch.finfo(torch.float64).eps)  # see filler_snr
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -199,6 +207,44 @@ def mask_snr(
     return _nan_where((n_in == 0) | (n_out == 0) | (peak <= 0), snr)
 
 
+def outside_view(ignore: torch.Tensor | None, seen: torch.Tensor | None) -> torch.Tensor | None:
+    """``ignore ∪ ¬seen``: the pixels a localization metric must not score (``None`` when neither is given)."""
+    if seen is None:
+        return ignore
+    unseen = ~_as_bool(seen, "seen")
+    return unseen if ignore is None else _as_bool(ignore, "ignore") | unseen
+
+
+def unseen_mask_fraction(
+    masks: torch.Tensor, seen: torch.Tensor | None, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Share of each mask the model never saw: ``|M ∧ ¬S| / |M|`` over the non-ignored pixels.
+
+    The localization metrics score seen pixels only, so this is the part of the object they cannot
+    credit or miss (LLaVA-1.5's center crop of a 2:1 image hides the outer quarters).
+
+    Cases: ``seen=None`` (the whole image was seen) → 0; empty mask → NaN.
+
+    Args:
+        masks: ``(N, H, W)`` boolean masks.
+        seen: ``(N, H, W)`` bool, the pixels the model saw.
+        ignore: ``(N, H, W)`` pixels excluded from both counts.
+
+    Returns:
+        ``(N,)`` values in [0, 1].
+
+    """
+    masks = _as_bool(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got {tuple(masks.shape)}")
+    if ignore is not None:
+        masks = masks & ~_as_bool(ignore, "ignore")
+    unseen = torch.zeros_like(masks) if seen is None else masks & ~_as_bool(seen, "seen")
+    total = masks.flatten(1).sum(1)
+    fraction = unseen.flatten(1).sum(1).double() / total.clamp(min=1)
+    return _nan_where(total == 0, fraction)
+
+
 def mask_mse(maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error to the mask: ``mean((E' − M)²)`` over valid pixels, E' min-max normalized.
 
@@ -255,42 +301,88 @@ def _pad_tokens(
     return padded_w, padded_c, keep
 
 
+def _token_shares(
+    token_weights: torch.Tensor | Sequence[torch.Tensor], map_mass: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor | list[torch.Tensor]:
+    """``λ_t · mass(E_t)`` per token, in float64, in the layout of ``token_weights``."""
+    if isinstance(token_weights, torch.Tensor):
+        if not isinstance(map_mass, torch.Tensor) or map_mass.shape != token_weights.shape:
+            shape = tuple(map_mass.shape) if isinstance(map_mass, torch.Tensor) else "a list"
+            raise ValueError(f"map_mass {shape} must match token_weights {tuple(token_weights.shape)}")
+        return token_weights.double() * map_mass.double()
+    weights, masses = list(token_weights), list(map_mass)
+    if len(weights) != len(masses):
+        raise ValueError(f"{len(weights)} token_weights but {len(masses)} map masses")
+    for w, m in zip(weights, masses, strict=True):
+        if m.shape != w.shape:
+            raise ValueError(f"each sample needs one map mass per token weight, got {tuple(m.shape)}, {tuple(w.shape)}")
+    return [w.double() * m.double() for w, m in zip(weights, masses, strict=True)]
+
+
 def filler_snr(
     token_weights: torch.Tensor | Sequence[torch.Tensor],
     content_mask: torch.Tensor | Sequence[torch.Tensor],
+    map_mass: torch.Tensor | Sequence[torch.Tensor],
     valid: torch.Tensor | None = None,
-    eps: float = DEFAULT_SNR_EPS,
+    eps: float = DEFAULT_FILLER_EPS,
+    decibels: bool = True,
 ) -> torch.Tensor:
-    """Filler signal-to-noise ratio: mean λ over content tokens over mean λ over filler tokens.
+    """Filler signal-to-noise ratio (paper section 4.4, table 4; appendix L, table 8), per sample.
 
-    ``SNR = mean_content(λ') / max(mean_filler(λ'), eps)`` with ``λ' = λ / max λ`` per sample (the ratio
-    is scale-invariant; the peak only makes ``eps`` relative). Filler weights that are all zero (a
-    perfect filter) score ``mean_content(λ') / eps``, at most ``1 / eps`` (1000 by default).
+    Each token's share of the sequence map as it enters eq. 6, ``E = MinMax(Σ_t λ_t E_t)``, is
+    ``s_t = λ_t · Σ_pixels E_t`` with ``E_t`` the token's *min-max normalised* map (``map_mass``). After
+    the min-max, not before: eq. 6 sums the normalised maps, so the raw gradient scale of a token never
+    reaches the sequence map; ``s_t`` is exactly what the token adds to it. With the filler filter off
+    (``λ_t = 1``) the SNR is the ratio of the normalised maps' masses, which depends on the head filter
+    and is not 1 in general: the paper reports 9.16 and 16.84 with the filler filter off (table 4).
 
-    Cases: no content token or no filler token (mean over an empty set) → NaN; all weights zero (0/0)
-    → NaN; equal weights (no filtering) → 1.
+    ``SNR = 10 · log10(max(mean_content(s'), eps) / max(mean_filler(s'), eps))`` in decibels, with
+    ``s' = s / max_t s`` (the ratio is scale-invariant; the peak only makes ``eps`` relative);
+    ``decibels=False`` gives the plain ratio of the floored means.
+
+    Why decibels (the reading that reproduces the paper's tables): table 8 prints negative SNRs
+    (top-p rows, e.g. −16.82, −15.02), which no ratio of non-negative shares gives, while a logarithm
+    gives them whenever filler tokens outweigh content ones; one metric, one reading for both tables.
+    In dB, table 8's max + filler-filter row (62.72–153.53) brackets table 4's max + filler-filter
+    cell (96.12), and its avg row (1.48–9.44) and last top-p row (−3.76–2.33) sit near table 4's
+    unfiltered 9.16; keeping table 4 as plain ratios would put its 96.12 four to thirteen orders of
+    magnitude below table 8's ratios for the same setting (10^6.3–10^15.4). Table 4's cells are then
+    ratios of 8.2, 48, 8.5·10^8 and 4.1·10^9: the filler filter's ReLU sends most filler λ_t to
+    exactly 0, and samples whose filler shares are all 0 score at the floor and lift the filtered
+    means, as in table 8. The floor: a sample
+    reaching 153.53 dB needs ``eps ≤ 10^-15.35 ≈ 4.5e-16`` of the peak share; the default, float64's
+    machine epsilon 2.2e-16, caps a perfect filter at 156.5 dB, consistent with the paper's largest
+    value (the paper does not state its floor). Samples are averaged in dB (mean of per-sample values).
+
+    Cases: no content token or no filler token (mean over an empty set) → NaN; all shares zero (0/0)
+    → NaN; equal shares → 0 dB (ratio 1); filler shares all zero → ``10·log10(mean_content(s') / eps)``;
+    content shares all zero → ``10·log10(eps / mean_filler(s'))``.
 
     Args:
         token_weights: A list of ``(T_i,)`` λ per sample, or padded ``(N, T)``.
         content_mask: Matching ``(T_i,)`` / ``(N, T)`` bool: True for content tokens, False for filler.
+        map_mass: Matching ``(T_i,)`` / ``(N, T)`` mass ``Σ_pixels E_t`` of each token's min-max map.
         valid: ``(N, T)`` bool of real (non-padding) tokens, for padded inputs only.
-        eps: Floor of the filler mean, relative to the peak weight.
+        eps: Floor of both means, relative to the peak share.
+        decibels: Return ``10·log10`` of the ratio (default, the paper's scale) or the ratio itself.
 
     Returns:
-        ``(N,)`` non-negative values.
+        ``(N,)`` values (dB: any sign; ratio: non-negative).
 
     """
-    weights, content, keep = _pad_tokens(token_weights, content_mask, valid)
-    if not torch.isfinite(weights[keep]).all() or (weights[keep] < 0).any():
-        raise ValueError("token weights must be finite and non-negative")
-    w = torch.where(keep, weights.to(_work_dtype(weights)), 0.0)
+    shares, content, keep = _pad_tokens(_token_shares(token_weights, map_mass), content_mask, valid)
+    if not torch.isfinite(shares[keep]).all() or (shares[keep] < 0).any():
+        raise ValueError("token weights and map masses must be finite and non-negative")
+    s = torch.where(keep, shares.double(), 0.0)
     is_content, is_filler = content & keep, ~content & keep
     n_content, n_filler = is_content.sum(1), is_filler.sum(1)
-    peak = w.amax(1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1, dtype=w.dtype)
-    w = w / torch.where(peak > 0, peak, 1.0)
-    mean_content = (w * is_content).sum(1) / n_content.clamp(min=1)
-    mean_filler = (w * is_filler).sum(1) / n_filler.clamp(min=1)
-    snr = mean_content / mean_filler.clamp(min=eps)
+    peak = s.amax(1, keepdim=True) if s.shape[1] else torch.zeros(s.shape[0], 1, dtype=s.dtype)
+    s = s / torch.where(peak > 0, peak, 1.0)
+    mean_content = ((s * is_content).sum(1) / n_content.clamp(min=1)).clamp(min=eps)
+    mean_filler = ((s * is_filler).sum(1) / n_filler.clamp(min=1)).clamp(min=eps)
+    snr = mean_content / mean_filler
+    if decibels:
+        snr = 10 * torch.log10(snr)
     return _nan_where((n_content == 0) | (n_filler == 0) | (peak[:, 0] <= 0), snr)
 
 
@@ -337,70 +429,103 @@ def perturbation_auc(nppl: torch.Tensor, levels: torch.Tensor | Sequence[float])
     return _nan_where(~torch.isfinite(values).all(1), auc)
 
 
-def _reference_column(levels: torch.Tensor, target: float, name: str) -> int:
-    hits = (levels == target).nonzero()
-    if hits.numel() == 0:
-        raise ValueError(f"{name}: pass ppl_original or include level {target} (the original image)")
-    return int(hits[0, 0])
+def _end_columns(levels: torch.Tensor, name: str) -> None:
+    """Check that a grid runs from level 0 to level 1: the two end images a curve is normalized between."""
+    if float(levels[0]) != 0.0 or float(levels[-1]) != 1.0:
+        raise ValueError(
+            f"{name} levels must start at 0 and end at 1 (the curve is normalized between its two end images), "
+            f"got {levels.tolist()}"
+        )
 
 
-def deletion_curve(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Deletion curve ``NPPL(p) = PPL(x_p) / PPL(x)``; ``ppl_original`` defaults to the level-0 column."""
-    values, x = _curve_inputs(ppl, levels)
-    reference = values[:, _reference_column(x, 0.0, "deletion")] if ppl_original is None else ppl_original
-    return normalized_perplexity(values, reference)
+def normalize_between_ends(ppl: torch.Tensor, ppl_original: torch.Tensor, ppl_perturbed: torch.Tensor) -> torch.Tensor:
+    """``clip((PPL − PPL_original) / (PPL_perturbed − PPL_original), 0, 1)`` per row.
 
-
-def deletion_auc(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Deletion AUC (appendix F.1): trapezoidal AUC of ``PPL(x_p) / PPL(x)`` as the top p are removed.
-
-    Removing means replacing by the dataset mean (the positive test's images). ``ppl_original``
-    defaults to the column at level 0 (the unperturbed image). Higher is better. Cases as
-    :func:`perturbation_auc`; a non-positive or non-finite reference → NaN.
+    0 is the original image's perplexity, 1 that of the fully perturbed image. A point beyond an end
+    (a non-monotone curve: a partly perturbed image worse than the fully perturbed one, or better than
+    the original) is clipped to that end, as PIC clips its gain (:func:`pic_curve`), so an AUC over a
+    0–1 grid lies in [0, 1]. A row is NaN (undefined, skipped by the metric classes) unless every value
+    is finite and ``PPL_perturbed > PPL_original``: with equal ends there is nothing to normalize, and
+    when perturbing the whole image *lowers* the perplexity there is no deterioration (deletion) or
+    recovery (insertion) for the curve to measure. The test uses no tolerance: near-equal ends give a
+    noisy but bounded curve.
 
     Args:
-        ppl: ``(N, L)`` or ``(L,)`` perplexities per level.
-        levels: ``(L,)`` strictly increasing fractions.
+        ppl: ``(N, L)`` perplexities.
         ppl_original: ``(N,)`` perplexity on the unperturbed image.
+        ppl_perturbed: ``(N,)`` perplexity on the fully perturbed image.
 
     Returns:
-        ``(N,)`` AUCs.
+        ``(N, L)`` values in [0, 1] (NaN rows where undefined).
 
     """
-    return perturbation_auc(deletion_curve(ppl, levels, ppl_original), levels)
+    start, end = ppl_original.reshape(-1, 1), ppl_perturbed.reshape(-1, 1)
+    ok = (end > start) & torch.isfinite(ppl).all(1, keepdim=True) & torch.isfinite(start) & torch.isfinite(end)
+    curve = ((ppl - start) / torch.where(ok, end - start, 1.0)).clamp(0.0, 1.0)
+    return _nan_where(~ok, curve)
 
 
-def insertion_curve(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Insertion curve ``NPPL(p) = PPL(x_p) / PPL(x)``; ``ppl_original`` defaults to the level-1 column."""
+def deletion_curve(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Deletion curve (appendix F.1), normalized between its ends: ``(PPL(x_p) − PPL(x)) / (PPL(x_1) − PPL(x))``.
+
+    ``x`` is the original image (level 0) and ``x_1`` the image with every pixel replaced by the dataset
+    mean (level 1), so the curve rises from 0 to 1; clipping and undefined rows as
+    :func:`normalize_between_ends`. Levels must start at 0 and end at 1.
+
+    Reading of "normalize the perplexities": the paper's table 6 puts Del. in 0.21–0.50 while the
+    positive test (the same images divided by ``PPL(x)`` only) is 6–18, so the curve is normalized
+    between its two end images. It is the paper's ratio ``PPL(x_p) / PPL(x)`` rescaled affinely so
+    that its ends are 0 and 1, whichever of the two is divided first.
+    """
     values, x = _curve_inputs(ppl, levels)
-    reference = values[:, _reference_column(x, 1.0, "insertion")] if ppl_original is None else ppl_original
-    return normalized_perplexity(values, reference)
+    _end_columns(x, "deletion")
+    return normalize_between_ends(values, values[:, 0], values[:, -1])
 
 
-def insertion_auc(
-    ppl: torch.Tensor, levels: torch.Tensor | Sequence[float], ppl_original: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Insertion AUC (appendix F.1): trapezoidal AUC of ``PPL(x_p) / PPL(x)`` as the top p are revealed.
+def deletion_auc(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Deletion AUC: trapezoidal AUC of :func:`deletion_curve` over the levels. Higher is better.
 
-    Level 0 is the fully blurred image; revealing every pixel gives the original, so ``ppl_original``
-    defaults to the column at level 1. Lower is better. Cases as :func:`deletion_auc`.
+    A good map removes the pixels the answer needs first, so the perplexity approaches that of the
+    all-mean image early and the area is large.
 
     Args:
-        ppl: ``(N, L)`` or ``(L,)`` perplexities per level.
-        levels: ``(L,)`` strictly increasing fractions.
-        ppl_original: ``(N,)`` perplexity on the unperturbed image.
+        ppl: ``(N, L)`` or ``(L,)`` perplexities per level, level 0 the original, level 1 all mean.
+        levels: ``(L,)`` strictly increasing fractions from 0 to 1.
 
     Returns:
-        ``(N,)`` AUCs.
+        ``(N,)`` AUCs in [0, 1]; NaN where :func:`normalize_between_ends` is undefined.
 
     """
-    return perturbation_auc(insertion_curve(ppl, levels, ppl_original), levels)
+    return perturbation_auc(deletion_curve(ppl, levels), levels)
+
+
+def insertion_curve(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Insertion curve (appendix F.1), normalized between its ends: ``(PPL(x_p) − PPL(x)) / (PPL(x_0) − PPL(x))``.
+
+    ``x_0`` is the fully blurred image (level 0) and ``x`` the original (level 1: every pixel revealed),
+    so the curve falls from 1 to 0; clipping and undefined rows as :func:`normalize_between_ends`
+    (the blurred image must have the higher perplexity). Levels must start at 0 and end at 1.
+    """
+    values, x = _curve_inputs(ppl, levels)
+    _end_columns(x, "insertion")
+    return normalize_between_ends(values, values[:, -1], values[:, 0])
+
+
+def insertion_auc(ppl: torch.Tensor, levels: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Insertion AUC: trapezoidal AUC of :func:`insertion_curve` over the levels. Lower is better.
+
+    A good map reveals the pixels the answer needs first, so the perplexity recovers early ("faster
+    recovery", appendix F.1) and the area is small.
+
+    Args:
+        ppl: ``(N, L)`` or ``(L,)`` perplexities per level, level 0 fully blurred, level 1 the original.
+        levels: ``(L,)`` strictly increasing fractions from 0 to 1.
+
+    Returns:
+        ``(N,)`` AUCs in [0, 1]; NaN where :func:`normalize_between_ends` is undefined.
+
+    """
+    return perturbation_auc(insertion_curve(ppl, levels), levels)
 
 
 def pic_curve(ppl: torch.Tensor, sizes: torch.Tensor, monotone: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

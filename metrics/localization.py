@@ -11,7 +11,12 @@ from metrics.base import SampleMeanMetric
 
 
 class _LocalizationMetric(SampleMeanMetric):
-    """``update(maps, masks, ignore=None)`` with ``(N, H, W)`` maps ≥ 0, bool masks and ignore masks."""
+    """``update(maps, masks, ignore=None, seen=None)`` with ``(N, H, W)`` maps ≥ 0 and bool masks.
+
+    ``seen`` is the pixels the model saw (:attr:`dexar.Explanation.seen`); only seen, non-ignored
+    pixels are scored (:func:`metrics.functional.outside_view`). :class:`UnseenMaskFraction` reports
+    how much of each mask lies outside the view.
+    """
 
     input_kind = "localization"
 
@@ -20,9 +25,38 @@ class _LocalizationMetric(SampleMeanMetric):
     def _value(self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None = None) -> None:
-        """Score a batch of maps; degenerate samples (NaN, see the functional docs) are skipped and counted."""
-        self._add_values(self._value(maps, masks, ignore))
+    def _values(
+        self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None, seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._value(maps, masks, MF.outside_view(ignore, seen))
+
+    def update(
+        self,
+        maps: torch.Tensor,
+        masks: torch.Tensor,
+        ignore: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
+    ) -> None:
+        """Score a batch of maps on the seen pixels; degenerate samples (NaN, see the functional docs) are skipped."""
+        self._add_values(self._values(maps, masks, ignore, seen))
+
+
+class UnseenMaskFraction(_LocalizationMetric):
+    """Mean share of the mask the model never saw (:func:`metrics.functional.unseen_mask_fraction`).
+
+    Not a score of the method (every method of one model gets the same values) but of the protocol:
+    the other localization metrics score seen pixels only, and this says how much of the objects
+    that leaves out, per sample (empty masks skipped).
+    """
+
+    higher_is_better = False
+    reports_unseen_mask = True
+    """Marks the metric that reports the mask outside the view (the evaluator warns when none does)."""
+
+    def _values(
+        self, maps: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None, seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        return MF.unseen_mask_fraction(masks, seen, ignore)  # the maps are not used
 
 
 class EnergyPointingGame(_LocalizationMetric):

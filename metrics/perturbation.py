@@ -52,42 +52,68 @@ class NegativePerturbationAUC(PerturbationAUC):
     higher_is_better = False
 
 
-class DeletionAUC(CurveMeanMetric):
-    """Mean deletion AUC (:func:`metrics.functional.deletion_auc`); higher is better."""
+class _EndNormalizedAUC(CurveMeanMetric):
+    """Mean AUC of a perplexity curve normalized between its two end images (appendix F.1).
+
+    The mean curve (:meth:`mean_curve`) is the mean of the same normalized curves over the samples the
+    mean AUC counts, so its trapezoidal area equals the metric's value. Samples whose ends do not
+    define a curve (see :func:`metrics.functional.normalize_between_ends`) are skipped and counted.
+
+    Args:
+        levels: The level grid, from 0 to 1 (both end images are on every curve).
+
+    """
+
+    plot_upper_bound = 1.0
+    _mode = ""
+
+    def __init__(self, levels: Sequence[float] = FULL_LEVELS, **kwargs: Any) -> None:
+        super().__init__(levels, ("curve_total",), **kwargs)
+        if float(self.levels[0]) != 0.0 or float(self.levels[-1]) != 1.0:
+            raise ValueError(
+                f"{self._mode} levels must start at 0 and end at 1 (the curve is normalized between its two end "
+                f"images), got {self.levels.tolist()}"
+            )
+
+    def _curve(self, ppl: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, ppl: torch.Tensor) -> None:
+        """``(N, L)`` (or ``(L,)``) perplexities on the metric's levels, both end images included."""
+        curve = self._curve(ppl)
+        self._add_curves(MF.perturbation_auc(curve, self.levels), curve_total=curve)
+
+    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(levels, mean normalized perplexity per level)`` over valid samples, across processes."""
+        return self.levels, self._mean_curves()[0]
+
+
+class DeletionAUC(_EndNormalizedAUC):
+    """Mean deletion AUC in [0, 1] (:func:`metrics.functional.deletion_auc`); higher is better.
+
+    The curve rises from 0 (original image) to 1 (every pixel replaced by the dataset mean).
+    """
 
     input_kind = "perturbation:deletion"
     higher_is_better = True
+    _mode = "deletion"
 
-    def __init__(self, levels: Sequence[float] = FULL_LEVELS, **kwargs: Any) -> None:
-        super().__init__(levels, ("nppl_total",), **kwargs)
-
-    def update(self, ppl: torch.Tensor, ppl_original: torch.Tensor | None = None) -> None:
-        """``(N, L)`` perplexities; ``ppl_original`` defaults to the level-0 column."""
-        nppl = MF.deletion_curve(ppl, self.levels, ppl_original)
-        self._add_curves(MF.perturbation_auc(nppl, self.levels), nppl_total=nppl)
-
-    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(levels, mean NPPL per level)`` over valid samples, across processes."""
-        return self.levels, self._mean_curves()[0]
+    def _curve(self, ppl: torch.Tensor) -> torch.Tensor:
+        return MF.deletion_curve(ppl, self.levels)
 
 
-class InsertionAUC(CurveMeanMetric):
-    """Mean insertion AUC (:func:`metrics.functional.insertion_auc`); lower is better."""
+class InsertionAUC(_EndNormalizedAUC):
+    """Mean insertion AUC in [0, 1] (:func:`metrics.functional.insertion_auc`); lower is better.
+
+    The curve falls from 1 (fully blurred image) to 0 (original image).
+    """
 
     input_kind = "perturbation:insertion"
     higher_is_better = False
+    _mode = "insertion"
 
-    def __init__(self, levels: Sequence[float] = FULL_LEVELS, **kwargs: Any) -> None:
-        super().__init__(levels, ("nppl_total",), **kwargs)
-
-    def update(self, ppl: torch.Tensor, ppl_original: torch.Tensor | None = None) -> None:
-        """``(N, L)`` perplexities; ``ppl_original`` defaults to the level-1 column."""
-        nppl = MF.insertion_curve(ppl, self.levels, ppl_original)
-        self._add_curves(MF.perturbation_auc(nppl, self.levels), nppl_total=nppl)
-
-    def mean_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(levels, mean NPPL per level)`` over valid samples, across processes."""
-        return self.levels, self._mean_curves()[0]
+    def _curve(self, ppl: torch.Tensor) -> torch.Tensor:
+        return MF.insertion_curve(ppl, self.levels)
 
 
 class PICAUC(CurveMeanMetric):

@@ -123,3 +123,36 @@ def test_cli_explains_and_reports_errors(tiny_checkpoint, tmp_path, capsys):
     code = cli_main(["explain", str(image), "--model", str(tmp_path / "nope"), "--prompt", "x"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("dexar: error: cannot load model") and "\n" not in err
+    # a method option the method does not take: refused before any model is loaded (the model path is bad too)
+    args = ["explain", str(image), "--model", str(tmp_path / "nope"), "--prompt", "x", "--method", "attention"]
+    assert cli_main([*args, "--head-filter", "max"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dexar: error: method 'attention' does not take ['head_filter']") and "\n" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["explain", str(image), "--model", tiny_checkpoint, "--prompt", "x", "--answer", "i see"]
+    assert cli_main([*args, "--out", str(blocker / "out")]) == 2  # an output directory that cannot be made
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar
+    assert err.startswith(f"dexar: error: cannot write {blocker / 'out'}")
+
+
+def test_overlay_leaves_low_values_transparent_and_wraps_its_caption():
+    from dexar.plotting import MAX_ALPHA, SATURATION, TRANSPARENT_BELOW, blend, colour_bar, overlay, wrap
+
+    image = _image("RGB", (64, 64))
+    rgb = np.asarray(image, dtype=float)
+    shown = rgb.mean(axis=2, keepdims=True) * (1 - SATURATION) + rgb * SATURATION  # the image under a map
+    low = torch.full((8, 8), TRANSPARENT_BELOW)
+    assert np.abs(np.asarray(blend(image, low), dtype=float) - shown).max() <= 0.5 + 1e-9  # nothing drawn
+    grey = Image.new("RGB", (64, 64), (90, 90, 90))
+    assert np.array_equal(np.asarray(blend(grey, low)), np.asarray(grey))  # low values: the image as it is
+    high = np.asarray(blend(image, torch.ones(8, 8)), dtype=float)
+    expected = shown * (1 - MAX_ALPHA) + np.array([253, 231, 37]) * MAX_ALPHA
+    assert np.abs(high - expected).max() <= 0.5 + 1e-9
+    caption = "a red circle to the left of a blue square above a small green triangle"
+    lines = wrap(caption, 250)
+    assert " ".join(lines) == caption and len(lines) > 1  # nothing cut, several lines
+    drawn = overlay(image, torch.rand(8, 8), caption=caption)
+    plain = overlay(image, torch.rand(8, 8))
+    assert drawn.width == plain.width == 256 and drawn.height > plain.height  # small images are enlarged
+    assert colour_bar(200).width > 200 and colour_bar(200).getpixel((199, 5)) != (255, 255, 255)

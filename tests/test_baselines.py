@@ -405,9 +405,11 @@ def _loop_rank_gaussian(grid):
     return out
 
 
-def test_tam_equals_loop_reference(padded):
+@pytest.mark.parametrize("context_weight", ["own", "predicting"])
+def test_tam_equals_loop_reference(padded, context_weight):
+    """``predicting`` (the authors' indexing): an earlier answer token at c is weighed by a_t(c − 1)."""
     adapter, batch = padded
-    out = TAM()(tracing.run(adapter, batch, TAM.needs))
+    out = TAM(context_weight=context_weight)(tracing.run(adapter, batch, TAM.needs))
     for b in range(3):
         with torch.no_grad():
             logits = _textbook_forward(adapter, batch, b)[0].logits[0]  # U·norm(h^L) + b at every position
@@ -420,7 +422,9 @@ def test_tam_equals_loop_reference(padded):
             own = [max(float(logits[j, word]), 0.0) for j in image]
             window = range(max(image) + 1, rows[t] + 1)
             context = [c for c in window if ids[c] != word]
-            weights = [max(float(logits[c, word]), 0.0) for c in context]
+            first_answer = rows[0] + 1
+            source = [c - 1 if context_weight == "predicting" and c >= first_answer else c for c in context]
+            weights = [max(float(logits[q, word]), 0.0) for q in source]
             norm = sum(weights) + 1e-8
             interference = [0.0] * len(image)
             for c, wgt in zip(context, weights, strict=True):
@@ -435,3 +439,16 @@ def test_tam_equals_loop_reference(padded):
             smoothed = _loop_rank_gaussian([normed[r * w : (r + 1) * w] for r in range(h)])
             raw.append([v for row in smoothed for v in row])
         _assert_maps(out, b, raw)
+
+
+def test_tam_authors_indexing_changes_maps_of_later_tokens_only(padded):
+    """The option moves the ECI weight of earlier answer tokens: the first answer token is unchanged."""
+    adapter, batch = padded
+    trace = tracing.run(adapter, batch, TAM.needs)
+    own, authors = TAM()(trace), TAM(context_weight="predicting")(trace)
+    first = batch.answer_ids.shape[1] - batch.answer_lengths  # slot of each sample's first answer token
+    rows = torch.arange(len(first))
+    assert torch.equal(own.token_maps[rows, first], authors.token_maps[rows, first])
+    assert not torch.allclose(own.token_maps, authors.token_maps)
+    with pytest.raises(ValueError, match="context_weight"):
+        TAM(context_weight="next")

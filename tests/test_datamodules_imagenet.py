@@ -129,3 +129,39 @@ def test_hf_split_selection(roots, tmp_path):
     dm = _dm(roots["hf-parquet"].root, tmp_path, split="train")
     dm.setup()
     assert dm.dataset.ids == ["imagenet-train-n01440764_1"]
+
+
+def test_hidden_folders_and_files_are_ignored_and_stray_folders_named(roots, tmp_path):
+    root = tmp_path / "stray"
+    shutil.copytree(roots["folders"].root, root)
+    (root / "val" / ".ipynb_checkpoints").mkdir()  # Jupyter leaves one in every folder it opens
+    (root / "val" / "n01440764" / ".ipynb_checkpoints").mkdir()
+    (root / "val" / "n01440764" / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"macOS resource fork")
+    dm, clean = _dm(root), _dm(roots["folders"].root)
+    dm.setup()
+    clean.setup()
+    assert dm.dataset.ids == clean.dataset.ids
+    for name in ("cats", "dogs"):
+        (root / "val" / name).mkdir()
+    with pytest.raises(DatasetLayoutError, match=r"not a class folder named by a wnid: cats, dogs \(hidden"):
+        _dm(root).setup()
+
+
+def test_parquet_search_stays_where_the_layouts_put_parquet_files(roots, tmp_path):
+    """A class-folder root is never walked: a parquet file deep in train/ neither counts nor is found."""
+    root = tmp_path / "deep"
+    shutil.copytree(roots["folders"].root, root)
+    deep = root / "train" / "n01440764" / "extra"
+    deep.mkdir(parents=True)
+    shutil.copy(next((roots["hf-parquet"].root / "data").glob("validation-*.parquet")), deep / "validation-0.parquet")
+    dm = _dm(root)
+    dm.setup()
+    assert dm.dataset.source.layout == "folders"
+    assert dm.dataset.ids == [f"imagenet-val-{k}" for k in roots["folders"].keys]
+    # the hub's own parquet layouts are still found: ROOT/data/*.parquet and ROOT/<config>/<split>/*.parquet
+    nested = tmp_path / "nested" / "default" / "validation"
+    nested.mkdir(parents=True)
+    shutil.copy(next((roots["hf-parquet"].root / "data").glob("validation-*.parquet")), nested / "0000.parquet")
+    dm = _dm(tmp_path / "nested", tmp_path)
+    dm.setup()
+    assert len(dm.dataset) == len(roots["hf-parquet"].keys)

@@ -115,3 +115,17 @@ def test_errors(released, imagenet, tmp_path):
         _dm(imagenet.root, severities=[6]).setup()
     with pytest.raises(ValueError, match="mode"):
         _dm(imagenet.root, mode="download")
+
+
+def test_released_layout_ignores_hidden_folders_and_names_stray_ones(released, tmp_path):
+    import shutil
+
+    root = tmp_path / "released"
+    shutil.copytree(released.root, root)
+    (root / "fog" / "5" / ".ipynb_checkpoints").mkdir()
+    dm = _dm(root, corruptions=["fog"], severities=[5], num_samples=None)
+    dm.setup()
+    assert len(dm.dataset) == len(released.keys)
+    (root / "fog" / "5" / "misc").mkdir()
+    with pytest.raises(DatasetLayoutError, match="not a wnid folder: misc"):
+        _dm(root, corruptions=["fog"], severities=[5]).setup()

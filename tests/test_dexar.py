@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -13,6 +12,7 @@ from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.methods import HEAD_FILTERS, DexAR
 from dexar.reference import naive_dexar, naive_layer_grads
+from dexar.testing import random_llava
 
 
 def _trace(model, processor, samples, lengths):
@@ -49,49 +49,42 @@ def test_dexar_equals_naive_reference(tiny64, samples, relu, filler):
         assert maps.abs().max() > 0
 
 
-def _loop_aggregate(values, mode):
-    """Reference aggregation over a Python list of non-negative values."""
-    if not values:
-        return 0.0
-    if mode == "max":
-        return max(values)
-    if mode == "avg":
-        return sum(values) / len(values)
-    p = float(mode[4:])
-    k = max(1, math.ceil(p * len(values) - 1e-9))
-    return sum(sorted(values, reverse=True)[:k]) / k
+@pytest.fixture(scope="module")
+def tiny64_grid8():
+    """float64 random LLaVA with an 8×8 grid: 64 image columns, so top-0.05 (4 values) is not max (1)."""
+    return random_llava(hidden=32, layers=3, heads=4, kv_heads=2, grid=8, dtype=torch.float64, seed=0)
 
 
-@pytest.mark.parametrize("head_filter", ["none", "avg", "top-0.05", "top-0.3", "top-0.9"])
+@pytest.mark.parametrize("head_filter", ["max", "none", "avg", "top-0.05", "top-0.3", "top-0.9"])
 @pytest.mark.parametrize("layers", ["all", "last"])
-def test_head_filters_and_layers_equal_loops(tiny64, samples, head_filter, layers):
-    model, processor = tiny64
-    adapter, batch, trace = _trace(model, processor, samples[1:3], [3, 6])
+def test_head_filters_and_layers_equal_naive_reference(tiny64_grid8, samples, head_filter, layers):
+    """Maps, λ_t (with the head filter's aggregation) and sequence map against the float64 loops."""
+    model, processor = tiny64_grid8
+    adapter, batch, trace = _trace(model, processor, samples[:2], [9, 6])
     out = DexAR(head_filter=head_filter, layers=layers)(trace)
+    peak = 0.0
     for b in range(2):
         grads, _ = naive_layer_grads(adapter, batch, b)
         image, text = _columns(batch, adapter, b)
-        n_layers, n_heads, length, _ = grads.shape
-        layer_ids = range(n_layers) if layers == "all" else [n_layers - 1]
-        for t in range(length):
-            raw = torch.zeros(len(image), dtype=torch.float64)
-            best_v = best_t = 0.0
-            for layer in layer_ids:
-                for head in range(n_heads):
-                    g = grads[layer, head, t]
-                    pos_v = [float(g[j].clamp(min=0)) for j in image]
-                    pos_t = [float(g[j].clamp(min=0)) for j in text[t]]
-                    if head_filter == "none":
-                        w = 1.0
-                    else:
-                        w = max(_loop_aggregate(pos_v, head_filter) - _loop_aggregate(pos_t, head_filter), 0.0)
-                    raw += w * g[image].clamp(min=0)
-                    best_v, best_t = max(best_v, max(pos_v)), max(best_t, max(pos_t or [0.0]))
-            constant = bool(raw.max() == raw.min())  # no visual evidence: a zero map, flagged, never NaN
-            expect = torch.zeros_like(raw) if constant else (raw - raw.min()) / (raw.max() - raw.min())
-            assert bool(out.token_empty[b, -length + t]) == constant
-            assert (out.token_maps[b, -length + t].flatten() - expect).abs().max() <= 1e-10
-            assert abs(float(out.token_weights[b, -length + t]) - max(best_v - best_t, 0.0)) <= 1e-10
+        maps, weights, seq = naive_dexar(grads, image, text, trace.grid, head_filter=head_filter, layers=layers)
+        length = maps.shape[0]
+        assert (out.token_maps[b, -length:] - maps).abs().max() <= 1e-10
+        assert (out.token_weights[b, -length:] - weights).abs().max() <= 1e-10
+        assert (out.sequence_map[b] - seq).abs().max() <= 1e-10
+        peak = max(peak, float(weights.max()))
+    assert peak > 0  # some λ_t is not clipped to 0: the comparison is not of zeros
+
+
+def test_table8_head_filters_give_different_token_weights(tiny64_grid8, samples):
+    """Appendix L's rows (max, avg, top-p) must not share λ: the strategy reaches the token weight."""
+    model, processor = tiny64_grid8
+    _, _, trace = _trace(model, processor, samples[:2], [9, 6])
+    filters = ["max", "avg", "top-0.05", "top-0.1", "top-0.3", "top-0.5", "top-0.9"]
+    weights = {f: DexAR(head_filter=f)(trace).token_weights for f in filters}
+    assert torch.equal(DexAR(head_filter="none")(trace).token_weights, weights["max"])  # none keeps max for λ
+    for i, a in enumerate(filters):
+        for b in filters[i + 1 :]:
+            assert not torch.allclose(weights[a], weights[b]), (a, b)
 
 
 def test_every_paper_head_filter_is_accepted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -16,6 +17,7 @@ from callbacks.wandb_records import read_run
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import Explainer, load_model
 from dexar.evaluation import EvaluationSettings, Evaluator
+from dexar.methods import DexAR
 from dexar.module import ExplainerModule
 from metrics.functional import energy_pointing_game
 
@@ -87,3 +89,42 @@ def test_predict_evaluates_writes_results_and_logs_to_wandb(tiny_checkpoint, tmp
     curve = next((run_dir / "files" / "media" / "table").rglob("*pos_auc*.table.json"))
     assert len(json.loads(curve.read_text())["data"]) == 3
     assert any((run_dir / "files" / "media" / "images").rglob("*.png"))
+
+
+def _hand_filler_db(weights, masses, content, eps=2.220446049250313e-16):
+    """10·log10 of the mean content share over the mean filler share, shares λ·mass relative to the peak."""
+    shares = [float(w) * float(m) for w, m in zip(weights, masses, strict=True)]
+    peak = max(shares)
+    c = [s / peak for s, k in zip(shares, content, strict=True) if k]
+    f = [s / peak for s, k in zip(shares, content, strict=True) if not k]
+    return 10 * math.log10(max(sum(c) / len(c), eps) / max(sum(f) / len(f), eps))
+
+
+@pytest.mark.parametrize("keep_eos", [False, True])
+def test_filler_snr_is_fed_weight_times_map_mass_and_differs_between_head_filters(tiny_checkpoint, keep_eos):
+    model, processor = load_model(tiny_checkpoint)
+    settings = [(h, f) for h in ("max", "avg", "top-0.3") for f in (True, False)]
+    methods = {f"{h}_{f}": DexAR(head_filter=h, filler_filter=f) for h, f in settings}
+    explainer = Explainer(model, processor, methods)
+    samples = [make_shapes_sample(i) for i in range(6)]
+    exps = explainer.explain_samples(samples, keep_eos=keep_eos)
+    snr = {label: {"filler_snr": M.FillerSNR()} for label in methods}
+    Evaluator(explainer.adapter, snr).update(samples, exps)
+    eos = processor.tokenizer.eos_token_id
+    means = {}
+    for label in methods:
+        expected = []
+        for sample, exp in zip(samples, exps[label], strict=True):
+            content = list(sample.word_is_content)  # word-level tokenizer: token t is word t
+            assert exp.token_ids[-1] == eos if keep_eos else len(exp.token_ids) == len(content)
+            content += [False] * keep_eos  # the end-of-sequence token is filler
+            masses = [float(m.double().sum()) for m in exp.token_maps]
+            expected.append(_hand_filler_db(exp.token_weights.tolist(), masses, content))
+        values = snr[label]["filler_snr"].per_sample()
+        assert values.numel() == len(samples)
+        assert torch.allclose(values, torch.tensor(expected, dtype=values.dtype), atol=1e-9)
+        means[label] = float(values.mean())
+    for label, mean in means.items():
+        if label.endswith("False"):
+            assert abs(mean) > 0.01, label  # λ = 1 but the maps' masses differ: not 0 dB (a ratio of 1)
+    assert len({round(m, 9) for m in means.values()}) == len(means), means  # every setting its own SNR

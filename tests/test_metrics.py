@@ -76,19 +76,30 @@ def ref_mse(e, m, v):
     return sum((a - b) ** 2 for a, b in zip(en, inm, strict=True)) / vals.size
 
 
-def ref_filler(w, c, eps=1e-3):
-    content = [float(x) for x, cc in zip(w, c, strict=True) if cc]
-    filler = [float(x) for x, cc in zip(w, c, strict=True) if not cc]
-    if not content or not filler or max(content + filler) == 0:
+def ref_filler(w, mass, c, eps=MF.DEFAULT_FILLER_EPS, decibels=True):
+    shares = [float(x) * float(m) for x, m in zip(w, mass, strict=True)]
+    content = [s for s, cc in zip(shares, c, strict=True) if cc]
+    filler = [s for s, cc in zip(shares, c, strict=True) if not cc]
+    if not content or not filler or max(shares) == 0:
         return math.nan
-    peak = max(content + filler)
-    return (sum(content) / len(content) / peak) / max(sum(filler) / len(filler) / peak, eps)
+    peak = max(shares)
+    ratio = max(sum(content) / len(content) / peak, eps) / max(sum(filler) / len(filler) / peak, eps)
+    return 10 * math.log10(ratio) if decibels else ratio
 
 
 def ref_trapz(y, x):
     if not all(math.isfinite(float(t)) for t in y):
         return math.nan
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
+
+
+def ref_end_normalized(ppl, original, perturbed):
+    """A perplexity curve rescaled so PPL(original) → 0 and PPL(fully perturbed) → 1, clipped; the slow way."""
+    values = [float(v) for v in ppl]
+    if not all(math.isfinite(v) for v in values) or not values[perturbed] > values[original]:
+        return [math.nan] * len(values)
+    lo, hi = values[original], values[perturbed]
+    return [min(max((v - lo) / (hi - lo), 0.0), 1.0) for v in values]
 
 
 def ref_pic(ppl, sizes, monotone=True):
@@ -159,15 +170,21 @@ def test_filler_snr_matches_loop_reference_lists_and_padded():
     weights[3] = weights[3] * (torch.arange(3) != 0)  # some exact zeros
     contents = [torch.rand(t, generator=g) < 0.5 for t in lengths]
     contents[4] = torch.tensor([True, False, True, False, False, True])
-    expected = f64([ref_filler(w.tolist(), c.tolist()) for w, c in zip(weights, contents, strict=True)])
-    close(MF.filler_snr(weights, contents), expected)
+    masses = [torch.rand(t, generator=g, dtype=torch.float64) * 16 for t in lengths]
+    masses[0][0] = 0.0  # an empty token map
+    for decibels in (True, False):
+        rows = zip(weights, masses, contents, strict=True)
+        expected = f64([ref_filler(w.tolist(), m.tolist(), c.tolist(), decibels=decibels) for w, m, c in rows])
+        close(MF.filler_snr(weights, contents, masses, decibels=decibels), expected)
     padded_w = torch.zeros(len(lengths), 8, dtype=torch.float64)
+    padded_m = torch.zeros(len(lengths), 8, dtype=torch.float64)
     padded_c = torch.zeros(len(lengths), 8, dtype=torch.bool)
     valid = torch.zeros(len(lengths), 8, dtype=torch.bool)
-    for i, (w, c) in enumerate(zip(weights, contents, strict=True)):
-        padded_w[i, 8 - len(w) :], padded_c[i, 8 - len(w) :], valid[i, 8 - len(w) :] = w, c, True
-    padded_w[~valid] = 7.0  # padding must not matter
-    close(MF.filler_snr(padded_w, padded_c, valid), expected)
+    for i, (w, m, c) in enumerate(zip(weights, masses, contents, strict=True)):
+        padded_w[i, 8 - len(w) :], padded_m[i, 8 - len(w) :], padded_c[i, 8 - len(w) :] = w, m, c
+        valid[i, 8 - len(w) :] = True
+    padded_w[~valid], padded_m[~valid] = 7.0, 3.0  # padding must not matter
+    close(MF.filler_snr(padded_w, padded_c, padded_m, valid, decibels=False), expected)  # the last: ratios
 
 
 def test_curve_aucs_match_loop_reference():
@@ -176,14 +193,15 @@ def test_curve_aucs_match_loop_reference():
     ppl = torch.rand(5, 6, generator=g, dtype=torch.float64) * 20 + 1
     ppl[2, 3] = torch.inf
     x = np.array(levels)
+    ppl[0, -1], ppl[1, 0] = ppl[0, 0] + 30, ppl[1, -1] + 30  # one defined deletion and insertion at least
     close(MF.perturbation_auc(ppl, levels), f64([ref_trapz(r.numpy(), x) for r in ppl]))
-    close(MF.deletion_auc(ppl, levels), f64([ref_trapz((r / r[0]).numpy(), x) for r in ppl]))
-    close(MF.insertion_auc(ppl, levels), f64([ref_trapz((r / r[-1]).numpy(), x) for r in ppl]))
-    given = torch.rand(5, generator=g, dtype=torch.float64) + 1
-    close(
-        MF.deletion_auc(ppl, levels, given),
-        f64([ref_trapz((r / o).numpy(), x) for r, o in zip(ppl, given, strict=True)]),
-    )
+    deletion = [ref_end_normalized(r, 0, -1) for r in ppl]  # original (level 0) → all mean (level 1)
+    insertion = [ref_end_normalized(r, -1, 0) for r in ppl]  # original (level 1) → fully blurred (level 0)
+    close(MF.deletion_curve(ppl, levels), f64(deletion))
+    close(MF.insertion_curve(ppl, levels), f64(insertion))
+    close(MF.deletion_auc(ppl, levels), f64([ref_trapz(c, x) for c in deletion]))
+    close(MF.insertion_auc(ppl, levels), f64([ref_trapz(c, x) for c in insertion]))
+    assert 0 < int(MF.deletion_auc(ppl, levels).isnan().sum()) < 5  # both defined and undefined rows
 
 
 @pytest.mark.parametrize("monotone", [True, False])
@@ -226,12 +244,34 @@ def test_hand_cases_localization():
 
 
 def test_hand_cases_tokens_and_curves():
-    close(MF.filler_snr([torch.tensor([0.2, 0.8, 0.6, 0.2])], [torch.tensor([F_, T, T, F_])]), [3.5])
-    close(MF.filler_snr([torch.tensor([0.0, 2.0, 1.0])], [torch.tensor([F_, T, T])]), [0.75 / 1e-3], tol=1e-6)
+    # shares λ·mass = [1, 3, 2, 0] → relative [1/3, 1, 2/3, 0]: content 5/6 over filler 1/6 = 5 = 6.9897 dB
+    lam, mass = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([2.0, 3.0, 1.0, 4.0])
+    content = torch.tensor([F_, T, T, F_])
+    close(MF.filler_snr([lam], [content], [mass]), [6.989700043360188])
+    close(MF.filler_snr([lam], [content], [mass], decibels=False), [5.0])
+    # λ = 1 (filler filter off): the shares are the maps' masses, content 2.5 over filler 1 → 3.9794 dB, not 0
+    ones = torch.ones(4)
+    close(MF.filler_snr([ones], [content], [torch.tensor([1.0, 2.0, 3.0, 1.0])]), [3.979400086720376])
+    close(MF.filler_snr([ones], [content], [torch.ones(4)]), [0.0])  # equal shares: 0 dB
+    # filler shares all zero: the floor, 10·log10(0.75 / 2.2e-16) = 155.3 dB
+    filler_zero = MF.filler_snr([torch.tensor([0.0, 2.0, 1.0])], [torch.tensor([F_, T, T])], [torch.ones(3)])
+    close(filler_zero, [10 * math.log10(0.75 / torch.finfo(torch.float64).eps)])
+    close(MF.filler_snr([torch.tensor([2.0, 0.0])], [torch.tensor([F_, T])], [torch.ones(2)], eps=1e-3), [-30.0])
     close(MF.perturbation_auc(torch.tensor([1.0, 2.0, 3.0]), [0.0, 0.5, 1.0]), [2.0])
     close(MF.perturbation_auc(torch.ones(1, 10), [i / 10 for i in range(10)]), [0.9])
-    close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [2.0])
-    close(MF.insertion_auc(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [2.0])
+    # deletion and insertion curves run between their end images: 0 = original, 1 = fully perturbed
+    close(MF.deletion_curve(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [[0.0, 0.5, 1.0]])
+    close(MF.deletion_auc(torch.tensor([2.0, 4.0, 6.0]), [0.0, 0.5, 1.0]), [0.5])
+    close(MF.deletion_auc(torch.tensor([2.0, 3.0, 6.0]), [0.0, 0.5, 1.0]), [0.25 * 0.25 + 0.25 * 1.25])
+    close(MF.deletion_auc(torch.tensor([2.0, 8.0, 6.0]), [0.0, 0.5, 1.0]), [0.75])  # 1.5 clipped to 1
+    close(MF.insertion_curve(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [[1.0, 0.5, 0.0]])
+    close(MF.insertion_auc(torch.tensor([6.0, 4.0, 2.0]), [0.0, 0.5, 1.0]), [0.5])
+    close(MF.insertion_auc(torch.tensor([6.0, 3.0, 2.0]), [0.0, 0.5, 1.0]), [0.25 * 1.25 + 0.25 * 0.25])
+    close(MF.insertion_auc(torch.tensor([6.0, 1.0, 2.0]), [0.0, 0.5, 1.0]), [0.25])  # −0.25 clipped to 0
+    close(
+        MF.insertion_auc(torch.tensor([11.0, 6.0, 3.0, 1.0]), [0.0, 0.1, 0.5, 1.0]),
+        [0.1 * 0.75 + 0.4 * 0.35 + 0.5 * 0.1],
+    )
     close(MF.pic_auc(torch.tensor([10.0, 4.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.75])
     close(MF.pic_auc(torch.tensor([10.0, 1.0, 2.0]), torch.tensor([100.0, 150.0, 300.0])), [0.875])  # y clipped
     ppl, sizes = torch.tensor([10.0, 4.0, 6.0, 2.0]), torch.tensor([100.0, 150.0, 200.0, 300.0])
@@ -278,13 +318,24 @@ def test_degenerate_token_and_curve_inputs():
     w = [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]), torch.zeros(3), torch.ones(4), torch.tensor([])]
     c = [torch.tensor([T, T]), torch.tensor([F_, F_]), torch.tensor([T, F_, F_]), torch.tensor([T, F_, T, F_])]
     c.append(torch.tensor([], dtype=torch.bool))
-    close(MF.filler_snr(w, c), [math.nan, math.nan, math.nan, 1.0, math.nan])
+    close(MF.filler_snr(w, c, [torch.ones_like(x) for x in w]), [math.nan, math.nan, math.nan, 0.0, math.nan])
+    close(MF.filler_snr(w, c, [torch.zeros_like(x) for x in w]), [math.nan] * 5)  # every map empty: 0/0
+    with pytest.raises(ValueError, match="map mass"):
+        MF.filler_snr(w, c, [torch.ones(1)] * 5)
+    with pytest.raises(ValueError, match="non-negative"):
+        MF.filler_snr([torch.ones(2)], [torch.tensor([T, F_])], [-torch.ones(2)])
     close(MF.perturbation_auc(torch.tensor([[1.0, math.nan, 2.0], [1.0, 1.0, 1.0]]), [0, 0.5, 1]), [math.nan, 1.0])
-    close(MF.deletion_auc(torch.tensor([[0.0, 1.0, 2.0]]), [0, 0.5, 1]), [math.nan])  # zero reference
+    # equal ends (nothing to normalize), ends the wrong way round (no deterioration / recovery), a non-finite
+    # point: undefined, NaN; the classes skip and count them
+    ends = torch.tensor([[2.0, 3.0, 2.0], [4.0, 3.0, 2.0], [2.0, math.inf, 6.0], [2.0, 4.0, 6.0]])
+    close(MF.deletion_auc(ends, [0, 0.5, 1]), [math.nan, math.nan, math.nan, 0.5])
+    close(MF.insertion_auc(ends.flip(1), [0, 0.5, 1]), [math.nan, math.nan, math.nan, 0.5])
     with pytest.raises(ValueError, match="strictly increasing"):
         MF.perturbation_auc(torch.ones(1, 3), [0.0, 0.5, 0.5])
-    with pytest.raises(ValueError, match="ppl_original"):
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
         MF.insertion_auc(torch.ones(1, 3), [0.0, 0.3, 0.6])
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
+        MF.deletion_auc(torch.ones(1, 3), [0.1, 0.3, 1.0])
     with pytest.raises(ValueError, match="non-negative"):
         MF.soft_iou(-torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool))
 
@@ -362,7 +413,8 @@ def filler_batches(seed):
     for lengths in ([3, 5], [1, 4, 2], [6]):
         w = [torch.rand(n, generator=g, dtype=torch.float64) for n in lengths]
         c = [torch.arange(n) % 2 == 0 for n in lengths]
-        out.append((w, c))
+        m = [torch.rand(n, generator=g, dtype=torch.float64) * 9 for n in lengths]
+        out.append((w, c, m))
     return out
 
 
@@ -427,7 +479,7 @@ def test_class_equals_functional_over_several_updates(name):
     values = functional_values(name, batches)
     metric = feed(cls(**kwargs()), batches)
     assert metric.full_state_update is False and metric.higher_is_better is not None
-    assert metric.plot_lower_bound == 0.0
+    assert metric.plot_lower_bound == (None if name == "FillerSNR" else 0.0)  # decibels take either sign
     close(metric.compute(), expected_mean(values))
     close(metric.per_sample(), values)
     assert int(metric.skipped) == metric.num_skipped == int(values.isnan().sum())
@@ -526,3 +578,69 @@ def test_perturbation_mean_curve_and_bounds():
     close(y, ys[ok].mean(0))
     with pytest.raises(ValueError, match="PIC levels"):
         metrics.PICAUC(levels=[0.1, 1.0])
+
+
+# -- the model's view: seen pixels only, the unseen mask reported --------------------------------------
+def test_unseen_mask_fraction_hand_cases():
+    masks = t([[T, T, F_], [T, F_, F_]], torch.bool)
+    seen = t([[F_, T, T], [T, T, T]], torch.bool)
+    close(MF.unseen_mask_fraction(masks, seen), [1 / 3])
+    close(MF.unseen_mask_fraction(masks, seen, ignore=t([[F_, F_, F_], [T, F_, F_]], torch.bool)), [1 / 2])
+    close(MF.unseen_mask_fraction(masks, None), [0.0])
+    assert MF.unseen_mask_fraction(torch.zeros(1, 2, 3, dtype=torch.bool), seen).isnan().all()
+
+
+@pytest.mark.parametrize(
+    "cls", [metrics.EnergyPointingGame, metrics.BestThresholdIoU, metrics.SoftIoU, metrics.MaskSNR, metrics.MaskMSE]
+)
+def test_localization_classes_score_seen_pixels_only(cls):
+    """``seen`` acts as ``ignore`` of the unseen pixels, on top of the dataset's own ignore mask."""
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 6, 8, dtype=torch.float64, generator=gen)
+    masks = torch.rand(4, 6, 8, generator=gen) > 0.6
+    ignore = torch.rand(4, 6, 8, generator=gen) > 0.8
+    seen = torch.zeros(4, 6, 8, dtype=torch.bool)
+    seen[:, :, 2:6] = True
+    maps = maps * seen  # placed maps are zero where the model saw nothing
+    with_seen, with_ignore, everything = cls(), cls(), cls()
+    with_seen.update(maps, masks, ignore, seen=seen)
+    with_ignore.update(maps, masks, ignore | ~seen)
+    everything.update(maps, masks, ignore)
+    close(with_seen.per_sample(), with_ignore.per_sample())
+    same = torch.allclose(with_seen.per_sample(), everything.per_sample(), equal_nan=True)
+    assert same == (cls is metrics.EnergyPointingGame)  # EPG: a zero map outside adds no energy anyway
+
+
+def test_unseen_mask_fraction_metric_ignores_the_maps():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :, :2] = True
+    masks[1, 1:3, 1:3] = True
+    seen = torch.zeros(2, 4, 4, dtype=torch.bool)
+    seen[:, :, 1:] = True
+    metric = metrics.UnseenMaskFraction()
+    metric.update(torch.rand(2, 4, 4), masks, seen=seen)
+    close(metric.per_sample(), [0.5, 0.0])
+    assert metric.input_kind == "localization" and metric.reports_unseen_mask
+
+
+@pytest.mark.parametrize("cls", [metrics.DeletionAUC, metrics.InsertionAUC])
+def test_end_normalized_aucs_lie_in_unit_interval_and_match_their_mean_curve(cls):
+    """Any curve, monotone or not, gives an AUC in [0, 1]; the plotted mean curve's area is the mean AUC."""
+    g = torch.Generator().manual_seed(14)
+    levels = [i / 10 for i in range(11)]
+    ppl = torch.exp(torch.randn(200, 11, generator=g, dtype=torch.float64) * 2)  # wild, non-monotone curves
+    metric = cls(levels=levels)
+    metric.update(ppl[:120])
+    metric.update(ppl[120:])
+    values = metric.per_sample()
+    ok = values.isfinite()
+    assert 50 < int(ok.sum()) < 150 and metric.num_skipped == int((~ok).sum())  # ends the wrong way round
+    assert (values[ok] >= 0).all() and (values[ok] <= 1).all()
+    assert float(values[ok].min()) < 0.3 and float(values[ok].max()) > 0.7
+    grid, curve = metric.mean_curve()
+    close(torch.trapezoid(curve, grid), metric.compute())
+    ends = (0.0, 1.0) if cls is metrics.DeletionAUC else (1.0, 0.0)
+    close(curve[[0, -1]], f64(ends))
+    assert cls.plot_upper_bound == 1.0 and cls.higher_is_better is (cls is metrics.DeletionAUC)
+    with pytest.raises(ValueError, match="start at 0 and end at 1"):
+        cls(levels=[0.0, 0.5, 0.9])

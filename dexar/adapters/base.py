@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:
+    from dexar.adapters.geometry import MapGeometry
 
 
 class DexarInputError(ValueError):
@@ -191,6 +195,29 @@ class VLMAdapter:
         return TeacherForcedBatch(inputs, answers, lengths, self.image_grid(image_inputs))
 
     # -- per-sample image geometry (dynamic resolution, tiles) ----------------------------------
+    view_span: tuple[int, int] | None = None
+    """Pixels of the view the image-token grid spans from its top-left corner (``None``: the whole view)."""
+
+    @cached_property
+    def view(self) -> Any:
+        """The image processor's view geometry (:class:`~dexar.adapters.geometry.ProcessorView`).
+
+        Single-view families read it at setup, so a processor of unknown geometry fails there; tiling
+        and dynamic-resolution families declare their own :meth:`map_geometry`.
+        """
+        from dexar.adapters.geometry import ProcessorView  # it imports this module
+
+        return ProcessorView.of(self.processor.image_processor)
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """Where the explanation maps of ``image`` lie on it: the grid mapped back through the processor's view.
+
+        Each family declares it from its image processor's real steps (resize, center crop, pad, tiles);
+        :meth:`dexar.explanation.Explanation.upsample` places the maps with it and ``seen`` comes from it.
+        Default: a single-view processor (:attr:`view`), the grid over :attr:`view_span`.
+        """
+        return self.view.geometry((image.height, image.width), span=self.view_span)
+
     def grid_key(self, image: Image.Image) -> Any:
         """Samples whose images give equal keys share one batch (same image-token layout); ``None``: any."""
         return None

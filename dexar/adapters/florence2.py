@@ -72,6 +72,11 @@ class Florence2Adapter(VLMAdapter):
 
     Methods refused (:attr:`refused_methods`): those defined on a decoder's self-attention over
     image and text tokens or on image hidden states in the decoder.
+
+    Geometry (:attr:`view`): the processor resizes the whole image to 768×768 (no crop); the DaViT
+    grid is taken as the even partition of that view (the stem's padded convolutions centre each
+    feature's receptive field up to half a cell above-left of its cell; not modelled), so it covers
+    the whole image.
     """
 
     model_types = ("florence2",)
@@ -89,6 +94,7 @@ class Florence2Adapter(VLMAdapter):
     def __init__(self, model: nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
         self._identity = nn.Identity()
+        _ = self.view  # an image processor of unknown geometry fails here, at setup (the grid spans the view)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -28,6 +28,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.geometry import MapGeometry
 from dexar.adapters.tiles import box_cell_map, grid_boxes
 
 IMAGE_TOKEN = "<image>"
@@ -126,6 +127,14 @@ class Idefics3Adapter(VLMAdapter):
     def _process(self, images: list[Image.Image]) -> dict[str, Any]:
         images = [[im] for im in self.prepare_images(images)]
         return self.image_processor(images=images, return_row_col_info=True, return_tensors="pt")
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The whole image: resizes (longest edge, then multiples of the tile) and tiles cover it, nothing is cropped.
+
+        The tiles are all ``max_image_size`` squares and the global view is the whole image squashed to
+        one, so the batch padding of ``do_pad`` never pads one image of this adapter's batches.
+        """
+        return MapGeometry.whole((image.height, image.width))
 
     def grid_key(self, image: Image.Image) -> tuple[int, int]:
         """``(rows, cols)`` of the image's tiles: samples with equal tilings share a batch."""

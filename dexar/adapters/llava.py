@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
 
@@ -15,11 +17,25 @@ class LlavaAdapter(VLMAdapter):
 
     Prompt template (paper appendix B): ``USER: <image>\n{prompt} ASSISTANT:``. The image grid is
     square: 24×24 for LLaVA-1.5-336 (patch 14, CLS dropped), 8×8 for the Shapes model.
+
+    Geometry (:attr:`view`): the ``llava-hf`` processors resize the shortest edge to 336 and center-crop
+    336×336, so on a non-square image the grid covers only the central crop; the grid spans the
+    crop's top-left ``side · patch`` pixels (the patch convolution's reach), mapped back to the image.
     """
 
     model_types = ("llava",)
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
     row_local_text_models = ("llama", "mistral", "qwen2")  # pre-norm blocks: row-local outside attention
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__(model, processor)
+        _ = self.view  # an image processor of unknown geometry fails here, at setup
+
+    @property
+    def view_span(self) -> tuple[int, int]:
+        """The patch convolution's reach over the view: ``side · patch`` pixels a side."""
+        side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
+        return side, side
 
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:

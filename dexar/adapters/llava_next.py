@@ -7,25 +7,38 @@ squashed to ``crop × crop`` is the global view (tile 0). Each tile gives a ``g 
 first, then the tiles' tokens reassembled into one ``(rows·g) × (cols·g)`` grid, with the padding's
 token rows/columns removed (``unpad_image``) and an ``image_newline`` token after every row.
 
-Geometry: the unpadded high-resolution grid ``(H_u, W_u)`` is the full-image map (it spans the
-original image); the token order is read off the model's own ``pack_image_features``. Merge rule
-(:mod:`dexar.adapters.tiles`): a tile token's value goes to its cell (weight 1); a global-view token
-covers ``1/g × 1/g`` of the image and its value is shared among the cells it overlaps in proportion
-to the overlap area (Σ of the map = Σ over tokens); newline tokens show no region (weight 0).
-Tiles do not overlap. Different images give different layouts: samples are batched by layout
-(:meth:`LlavaNextAdapter.grid_key`).
+Geometry: the unpadded high-resolution grid ``(H_u, W_u)`` is the full-image map; the token order is
+read off the model's own ``pack_image_features``. ``unpad_image`` drops token rows (columns) by its
+own rounding, on the token grid, not where the processor's pixel padding ends: the kept tokens cover
+the canvas pixels ``[top·s, (top + H_u)·s)`` (``s = crop / g`` pixels a token), which reach up to half a
+token into the padding or stop up to half a token short of the image edge. :class:`AnyresView`
+maps that box back through the centred padding and the aspect-keeping resize (the processor's own
+rounding), so the map lies exactly on the pixels its tile tokens show; a sliver the kept tokens stop
+short of was seen only through the global view and counts as unseen (zero in the placed map).
+
+Merge rule (:mod:`dexar.adapters.tiles`): a tile token's value goes to its cell (weight 1); a
+global-view token shows ``1/g × 1/g`` of the image (the whole image squashed to one tile) and its
+value is shared among the cells its box overlaps in proportion to the overlap area (Σ of the map =
+Σ over tokens, less the share of a global token's box that falls on such an unseen sliver); newline
+tokens show no region (weight 0). Tiles do not overlap. Different images give different layouts and
+canvases: samples are batched by both (:meth:`LlavaNextAdapter.grid_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch
+from dexar.adapters.geometry import MapGeometry, resize_output_size, size_dict
 from dexar.adapters.llava import LlavaAdapter
 from dexar.adapters.tiles import box_cell_map, grid_boxes
 
@@ -45,6 +58,8 @@ class AnyresLayout:
         tiles: Tiles including the global view.
         side: ``g``, tokens per tile side.
         per_row: Tiles per row of the high-resolution grid.
+        canvas: ``(height, width, top, left)`` of the resized image inside the padded best-resolution
+            canvas, in processor pixels (:meth:`AnyresView.canvas`).
 
     """
 
@@ -54,11 +69,85 @@ class AnyresLayout:
     tiles: int
     side: int
     per_row: int
+    canvas: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def key(self) -> tuple[int, ...]:
-        """Equal keys, equal layouts."""
-        return (self.tiles, *self.grid, *self.offset)
+        """Equal keys, equal token layouts and cell maps."""
+        return (self.tiles, *self.grid, *self.offset, *self.canvas)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresView:
+    """The LLaVA-NeXT image processor's geometry (``LlavaNextImageProcessor``, either backend).
+
+    ``select_best_resolution`` picks a canvas among the grid pinpoints, ``get_patch_output_size``
+    resizes the image into it keeping the aspect ratio, the canvas is padded around it
+    (``(canvas − resized) // 2`` before), cut into ``tile × tile`` tiles; the global view is the
+    whole image resized to ``tile × tile``. Only configurations where the tiles and the global view
+    reach the vision tower without a further resize or crop are accepted (every hub checkpoint).
+
+    Attributes:
+        pinpoints: The processor's ``image_grid_pinpoints`` (``(height, width)`` canvases).
+        tile: Tile side in pixels.
+
+    """
+
+    pinpoints: tuple[tuple[int, int], ...]
+    tile: int
+
+    @classmethod
+    def of(cls, image_processor: Any, config: Any) -> AnyresView:
+        """Read and check the processor's settings against the model's ``config``.
+
+        Raises:
+            DexarInputError: Tiles or the global view are resized or cropped again, or the processor's
+                pinpoints or tile size are not the model's.
+        """
+        name = type(image_processor).__name__
+        size = size_dict(image_processor.size)
+        crop = size_dict(getattr(image_processor, "crop_size", None))
+        tile = int(crop.height if crop is not None and crop.height else size.height or size.shortest_edge)
+        global_size = (size.height, size.width) if size.height and size.width else (size.shortest_edge,) * 2
+        steps = []
+        if getattr(image_processor, "do_resize", True):
+            steps.append(resize_output_size(size, (tile, tile)))
+        if getattr(image_processor, "do_center_crop", False):
+            steps.append((int(crop.height), int(crop.width)))
+        if tuple(global_size) != (tile, tile) or any(tuple(step) != (tile, tile) for step in steps):
+            raise DexarInputError(
+                f"{name}: size {size} / crop_size {crop} resize or crop the {tile}-pixel tiles or the global view "
+                "again; only processors that pass them to the vision tower unchanged are supported"
+            )
+        pinpoints = tuple(tuple(int(v) for v in p) for p in image_processor.image_grid_pinpoints)
+        model_pinpoints = tuple(tuple(int(v) for v in p) for p in config.image_grid_pinpoints)
+        if tile != config.vision_config.image_size or pinpoints != model_pinpoints:
+            raise DexarInputError(
+                f"{name}: tile {tile} px and pinpoints {list(pinpoints)} differ from the model's "
+                f"{config.vision_config.image_size} px and {list(model_pinpoints)}"
+            )
+        return cls(pinpoints, tile)
+
+    def canvas(self, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``(height, width, top, left)`` of the resized image in its canvas (the processor's own rounding)."""
+        target = select_best_resolution(tuple(image_size), [list(p) for p in self.pinpoints])
+        shape_only = np.broadcast_to(np.zeros((), dtype=np.uint8), (1, *image_size))
+        height, width = get_patch_output_size(shape_only, target, ChannelDimension.FIRST)
+        return int(height), int(width), (target[0] - height) // 2, (target[1] - width) // 2
+
+    def geometry(self, image_size: tuple[int, int], layout: AnyresLayout) -> MapGeometry:
+        """Where the kept high-resolution tokens of ``layout`` lie on an image of ``image_size``."""
+        height, width, top, left = layout.canvas
+        pixels = self.tile / layout.side  # canvas pixels per token
+        (rows, cols), (row0, col0) = layout.grid, layout.offset
+        sy, sx = image_size[0] / height, image_size[1] / width
+        box = (
+            (row0 * pixels - top) * sy,
+            (col0 * pixels - left) * sx,
+            ((row0 + rows) * pixels - top) * sy,
+            ((col0 + cols) * pixels - left) * sx,
+        )
+        return MapGeometry((int(image_size[0]), int(image_size[1])), box)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -70,6 +159,11 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_types = ("llava_next",)
     pixel_perturbation = False  # patches/tiles: perturbation would need per-view re-encoding
+
+    @cached_property
+    def view(self) -> Any:
+        """The anyres processor's geometry (:class:`AnyresView`)."""
+        return AnyresView.of(self.processor.image_processor, self.model.config)
 
     def __init__(self, model: Any, processor: Any) -> None:
         super().__init__(model, processor)
@@ -90,29 +184,42 @@ class LlavaNextAdapter(LlavaAdapter):
         size = (int(image_size[0]), int(image_size[1]))
         cache = self.__dict__.setdefault("_layouts", {})
         if size not in cache:
-            cache[size] = anyres_layout(self.model, size)
+            cache[size] = dataclasses.replace(anyres_layout(self.model, size), canvas=self.view.canvas(size))
         return cache[size]
 
     def grid_key(self, image: Image.Image) -> tuple[int, ...]:
         return self.layout((image.height, image.width)).key
 
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The kept high-resolution tokens' box, mapped back through the canvas padding and resize."""
+        size = (image.height, image.width)
+        return self.view.geometry(size, self.layout(size))
+
     def _batch_layout(self, image_sizes: torch.Tensor) -> AnyresLayout:
         layouts = [self.layout(tuple(size.tolist())) for size in image_sizes]
         if any(lay.key != layouts[0].key for lay in layouts):
             raise DexarInputError(
-                f"one batch needs one tile layout, got {[lay.key for lay in layouts]}: group samples by grid_key "
-                "(the Explainer does)"
+                f"one batch needs one tile layout and canvas, got {[lay.key for lay in layouts]}: group samples by "
+                "grid_key (the Explainer does)"
             )
         return layouts[0]
 
     def cell_map(self, layout: AnyresLayout) -> torch.Tensor:
-        """``(H_u·W_u, V)`` merge of the image tokens into the full-image map (module docstring)."""
+        """``(H_u·W_u, V)`` merge of the image tokens into the full-image map (module docstring).
+
+        Boxes are in the frame of the kept tokens' grid: a global-view token's box (a ``1/g`` share of
+        the resized image on the canvas) is moved into it through the canvas geometry.
+        """
         g, (h, w), (top, left) = layout.side, layout.grid, layout.offset
         valid = layout.source >= 0
         source = layout.source.clamp(min=0)
         tile, local = source // (g * g), source % (g * g)
         row, col = local // g, local % g
-        global_boxes = grid_boxes(row, col, g, g)
+        height, width, pad_top, pad_left = layout.canvas
+        pixels = self.view.tile / g
+        scale = torch.tensor([height / (h * pixels), width / (w * pixels)] * 2, dtype=torch.float64)
+        shift = [(pad_top - top * pixels) / (h * pixels), (pad_left - left * pixels) / (w * pixels)]
+        global_boxes = grid_boxes(row, col, g, g) * scale + torch.tensor(shift * 2, dtype=torch.float64)
         tile_row, tile_col = (tile - 1).clamp(min=0) // layout.per_row, (tile - 1).clamp(min=0) % layout.per_row
         big_row, big_col = tile_row * g + row - top, tile_col * g + col - left
         tile_boxes = grid_boxes(big_row, big_col, h, w)

@@ -23,6 +23,8 @@ class PaliGemmaAdapter(VLMAdapter):
     earlier answer tokens, never a masked or future column.
 
     The image grid is the SigLIP patch grid, row-major: ``(image_size / patch_size)²`` (16×16 at 224 px).
+    Geometry (:attr:`view`): the SigLIP processor resizes the whole image to 224×224 (no crop), so the
+    grid covers the whole image.
     Positions are 1-indexed as in ``PaliGemmaModel``. Prompt template (paper appendix B): the prompt
     as is; the paper's captioning prompt is :attr:`paper_prompt`.
     """
@@ -41,6 +43,13 @@ class PaliGemmaAdapter(VLMAdapter):
                 "e.g. PaliGemma 2) is not supported; use a PaliGemma (Gemma) checkpoint such as "
                 "google/paligemma-3b-pt-224"
             )
+        _ = self.view  # an image processor of unknown geometry fails here, at setup
+
+    @property
+    def view_span(self) -> tuple[int, int]:
+        """The patch convolution's reach over the view: ``side · patch`` pixels a side."""
+        side = self.image_grid({})[0] * self.model.config.vision_config.patch_size
+        return side, side
 
     @property
     def _image_token(self) -> str:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.geometry import MapGeometry
 
 IMAGE_TOKEN = "<|image_pad|>"
 ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -89,6 +90,10 @@ class Qwen2VLAdapter(VLMAdapter):
         if processor_merge != self.merge:
             raise DexarInputError(f"image processor merge_size {processor_merge} != model's {self.merge}")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def map_geometry(self, image: Image.Image) -> MapGeometry:
+        """The whole image: ``smart_resize`` rescales it to multiples of ``patch · merge`` (no crop, no padding)."""
+        return MapGeometry.whole((image.height, image.width))
 
     def grid_key(self, image: Image.Image) -> tuple[int, ...]:
         """The image's ``(t, h, w)`` patch grid: samples with equal grids share a batch."""

@@ -6,7 +6,9 @@ image region, such as LLaVA-NeXT's row-end ``image_newline``, have none). :func:
 the boxes into the linear map ``(h·w, V)`` from token values to the cells of one full-image grid:
 
 * a token's value is spread over the cells its box overlaps, in proportion to the overlap area
-  (each column sums to 1: the map keeps every token's total, so Σ cells = Σ tokens);
+  (each column sums to the share of its box inside the grid: 1 when the grid covers the box, so
+  Σ cells = Σ tokens; a box reaching past the grid, like a LLaVA-NeXT global-view token over the
+  sliver ``unpad_image`` trims, keeps only its share inside);
 * cells add what they receive from every token: a tile token (one cell, weight 1) and the
   global-view token whose box covers it (a share ``overlap / box area``), and overlapping tiles,
   if a family had them, would add in the same way.
@@ -21,12 +23,13 @@ def box_cell_map(boxes: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int]
     """``(h·w, V)`` area-proportional map from token boxes to the cells of an ``h × w`` grid (row-major).
 
     Args:
-        boxes: ``(V, 4)`` ``[y0, x0, y1, x1]`` in ``[0, 1]`` (normalised original-image coordinates).
+        boxes: ``(V, 4)`` ``[y0, x0, y1, x1]`` in the grid's frame (``[0, 1]²`` is the grid; a box may
+            reach past it).
         valid: ``(V,)`` False for tokens without an image region (their column is zero).
         grid: ``(h, w)`` cells of the full-image map.
 
     Returns:
-        float64 matrix whose valid columns each sum to 1.
+        float64 matrix whose valid columns each sum to the share of their box inside the grid.
 
     """
     h, w = grid

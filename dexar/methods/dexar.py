@@ -9,9 +9,14 @@ before ``p_t``):
   fraction, at least one value), ``avg`` (mean); ``none`` sets ``w = 1``;
 * token map (eq. 5): ``E_t = MinMax(Reshape(Σ_l Σ_h w^{l,h} · ReLU(g_V^l[h])))``; ``relu=False``
   uses ``g_V`` unclipped (appendix G.1); ``layers="last"`` keeps only the last layer (G.2);
-* token weight: ``λ_t = ReLU(max_{l,h} m_V − max_{l,h} m_T)`` with the max aggregation of the paper,
-  over the same layers as the map, whatever ``head_filter`` is; ``filler_filter=False`` sets
-  ``λ_t = 1``;
+* token weight: ``λ_t = ReLU(max_{l,h} m_V^{l,h} − max_{l,h} m_T^{l,h})`` over the same layers as the
+  map, with ``m_V``, ``m_T`` aggregated over columns by the head filter's ``agg`` (``none`` has no
+  aggregation of its own and keeps the paper's ``max``); ``filler_filter=False`` sets ``λ_t = 1``.
+  Reading (section 3 defines λ_t with the max only): appendix L / table 8 compares the filler filter
+  under the ``max``, ``avg`` and top-p strategies and its rows differ by orders of magnitude (max
+  62.7–153.5, avg 1.5–9.4), so the strategy must reach λ_t; using it for the same ``m_V``, ``m_T``
+  that score the heads is the one place it can. The outer max over layers and heads stays a max:
+  the paper names no other, and with ``agg = max`` it gives back the section-3 formula;
 * sequence map (eq. 6): ``E = MinMax(Σ_t λ_t E_t)``.
 
 The extra variant ``weight_by_attention=True`` multiplies the filtered gradient by the attention
@@ -104,16 +109,10 @@ class DexAR:
         pos_image = g_image.clamp(min=0)
         pos_all = grads.clamp(min=0)
 
-        m_v_max = pos_image.amax(-1)  # (B, L, H, T)
-        m_t_max = (pos_all * text).amax(-1)
-        if self.head_filter == "none":
-            head_w = torch.ones_like(m_v_max)
-        elif self.head_filter == "max":
-            head_w = (m_v_max - m_t_max).clamp(min=0)
-        else:
-            m_v = _aggregate(pos_image, None, self.head_filter)
-            m_t = _aggregate(pos_all, text, self.head_filter)
-            head_w = (m_v - m_t).clamp(min=0)
+        mode = "max" if self.head_filter == "none" else self.head_filter
+        m_v = _aggregate(pos_image, None, mode)  # (B, L, H, T)
+        m_t = _aggregate(pos_all, text, mode)
+        head_w = torch.ones_like(m_v) if self.head_filter == "none" else (m_v - m_t).clamp(min=0)
 
         contrib = pos_image if self.relu else g_image
         if self.weight_by_attention:
@@ -121,7 +120,7 @@ class DexAR:
         raw = (head_w[..., None] * contrib).sum(dim=(1, 2))  # (B, T, V)
 
         if self.filler_filter:
-            lam = (m_v_max.amax(dim=(1, 2)) - m_t_max.amax(dim=(1, 2))).clamp(min=0)  # (B, T)
+            lam = (m_v.amax(dim=(1, 2)) - m_t.amax(dim=(1, 2))).clamp(min=0)  # (B, T)
         else:
             lam = torch.ones_like(raw[..., 0])
         return finish(trace, raw, lam)

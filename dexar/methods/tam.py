@@ -37,6 +37,9 @@ def rank_gaussian_filter(maps: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return value.reshape(maps.shape)
 
 
+CONTEXT_WEIGHTS = ("own", "predicting")
+
+
 @dataclass
 class TAM:
     """Token activation maps: the final hidden states of the image tokens read through the LM head.
@@ -47,27 +50,43 @@ class TAM:
     * Raw map: ``a_t`` over the image tokens.
     * Estimated causal inference (ECI): the context tokens ``c`` (text after the image block up to
       ``p_t``: the prompt and the earlier answer tokens, minus those equal to ``w_t``) each have their
-      own image map ``a_c``; the interference is ``I_t = Σ_c π_c a_c`` with ``π_c ∝ a_t(pos_c)``
+      own image map ``a_c``; the interference is ``I_t = Σ_c π_c a_c`` with ``π_c ∝ a_t(q_c)``
       (normalised, +1e-8), the map ``ReLU(a_t − κ I_t)`` with ``κ = ⟨a_t, I_t⟩/⟨I_t, I_t⟩`` (the
-      least-squares scale).
+      least-squares scale). ``q_c`` is ``pos_c`` (``context_weight="own"``, default) or, with
+      ``context_weight="predicting"`` (the authors' code), ``pos_c − 1`` for an earlier *answer*
+      token (the position that predicted it) and ``pos_c`` for a prompt token.
     * The image map is min-max normalised jointly with the text activations ``a_t(j)`` over the same
       text window (excluding ``p_t`` itself), then smoothed by :func:`rank_gaussian_filter`.
 
     Open choices (the authors' code differs in details that do not transfer): a context token's map
     uses its own id (their first prompt token uses the greedy prediction); the text window is
     everything after the image block (their template-specific prompt markers); the uint8
-    quantisation of their visualisation is skipped.
+    quantisation of their visualisation is skipped. The position whose activation weighs an earlier
+    answer token in the ECI: the paper's text pairs a token with its own activation (our default);
+    the authors' code (``tam.py``, ``TAM()``) concatenates the prompt tokens' scores, the last input
+    position's score and the generated positions' scores, so the answer token ``k`` of its text list
+    gets the score of position ``pos_k − 1``, the position that predicted it
+    (``context_weight="predicting"``). The set of positions in the joint text min-max is the same
+    either way (the predicting positions of the earlier answer tokens are the earlier answer tokens'
+    own positions shifted by one, plus the last input position).
 
     Args:
         eci: Apply the estimated causal inference.
         smooth: Apply the rank Gaussian filter.
         kernel: Filter size.
+        context_weight: ``own`` (default) or ``predicting`` (the authors' indexing): the position whose
+            activation weighs an earlier answer token in the ECI.
 
     """
 
     eci: bool = True
     smooth: bool = True
     kernel: int = 3
+    context_weight: str = "own"
+
+    def __post_init__(self) -> None:
+        if self.context_weight not in CONTEXT_WEIGHTS:
+            raise ValueError(f"context_weight must be one of {CONTEXT_WEIGHTS}, got {self.context_weight!r}")
 
     name: ClassVar[str] = "tam"
     needs: ClassVar[frozenset[str]] = frozenset({"hidden_states"})
@@ -105,7 +124,13 @@ class TAM:
         if self.eci:
             context = window & (ids[:, None, :] != answer[:, :, None])
             context_maps = activation(ids, image_states)  # (B, N, V): each position's own token
-            weights = at_tokens * context
+            weights = at_tokens
+            if self.context_weight == "predicting":  # an answer token at j is weighed by a_t(j − 1)
+                lengths = trace.batch.answer_lengths.to(ids.device)
+                is_answer = positions[None, :] >= n - lengths[:, None]  # (B, N)
+                earlier = torch.cat([torch.zeros_like(at_tokens[..., :1]), at_tokens[..., :-1]], -1)
+                weights = torch.where(is_answer[:, None, :], earlier, at_tokens)
+            weights = weights * context
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-8)
             interference = weights @ context_maps  # (B, T, V)
             energy = (interference * interference).sum(-1, keepdim=True)

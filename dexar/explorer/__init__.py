@@ -1,0 +1,41 @@
+"""Self-contained HTML explorers: one page per explained image, one index per run, W&B HTML media.
+
+* :func:`write_explanation_html` — ``explanation.html`` from an :class:`ExplanationPayload`;
+* :func:`write_run_explorer` — ``<run dir>/explorer/index.html`` + one page per sample
+  (:func:`run_payload_from_results` and :func:`metric_specs` read ``results.json`` and the metrics);
+* :func:`wandb_html` — the per-sample page as a ``wandb.Html``;
+* :func:`payload_from_explanations` — a payload from today's ``Explanation`` objects.
+
+Pages need no network at view time: CSS, JS, the image and the maps are inlined (data URIs).
+"""
+
+from dexar.explorer.adapter import group_pieces, payload_from_explanations
+from dexar.explorer.page import render_explanation_html, write_explanation_html
+from dexar.explorer.payload import ExplanationPayload, MethodView, PieceView, WordView
+from dexar.explorer.run import (
+    MetricSpec,
+    RunPayload,
+    RunSample,
+    metric_specs,
+    run_payload_from_results,
+    write_run_explorer,
+)
+from dexar.explorer.wandb_html import wandb_html
+
+__all__ = [
+    "ExplanationPayload",
+    "MethodView",
+    "MetricSpec",
+    "PieceView",
+    "RunPayload",
+    "RunSample",
+    "WordView",
+    "group_pieces",
+    "metric_specs",
+    "payload_from_explanations",
+    "render_explanation_html",
+    "run_payload_from_results",
+    "wandb_html",
+    "write_explanation_html",
+    "write_run_explorer",
+]

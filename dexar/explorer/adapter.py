@@ -1,0 +1,176 @@
+"""Today's :class:`~dexar.explanation.Explanation` objects → an :class:`ExplanationPayload`.
+
+A stop-gap until ``Explanation`` has a word view of its own (issue 15): this module groups the answer's
+tokens into whitespace-separated words itself and aggregates each word's pieces:
+
+* word weight = the max λ of its pieces (a word is as visual as its most visual piece);
+* word map = MinMax(Σ_i λ_i E_i), the λ-weighted sum of its pieces' maps (the plain sum when every λ
+  is 0), i.e. the sequence-map rule (eq. 6) restricted to the word; a one-piece word keeps its map;
+* a word is empty (no visual evidence) when all its pieces are.
+
+Explanations are read by attribute (``tokens``, ``token_maps``, ``token_weights``, ``token_empty``,
+``sequence_map``, ``sequence_empty``, ``options``, ``answer``, ``image``, ``sample_id``), so this works on
+any object with those fields, wherever its class lives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dexar.explorer.payload import SPACE_MARKERS, ExplanationPayload, MethodView, PieceView, WordView, display_text
+
+_SPECIAL = re.compile(r"<[^<>\s]+>|\[[A-Z_]+\]")  # </s>, <|im_end|>, [SEP] — but see _BYTE
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces belong to their word
+
+
+def group_pieces(tokens: Sequence[str], answer: str = "") -> list[list[int]]:
+    """Token indices of each word of the answer.
+
+    A token starts a new word when it is the first, when it carries a word-start marker (``▁``, ``Ġ``,
+    a leading space), when the answer text has whitespace before it (tokens already stripped for
+    display, e.g. ``decode_tokens``), or when it is a special token (``</s>``), which stands alone.
+    Tokens are matched against ``answer`` left to right; tokens not found there (special tokens,
+    byte pieces, ``�``) do not move the cursor.
+    """
+    groups: list[list[int]] = []
+    cursor = 0
+    for i, token in enumerate(tokens):
+        marked = token[:1] in SPACE_MARKERS or token[:1].isspace()
+        special = _is_special(token)
+        core = display_text(token).strip()
+        start = cursor
+        while start < len(answer) and answer[start].isspace():
+            start += 1
+        found = bool(core) and not special and answer.startswith(core, start)
+        spaced = found and start > cursor  # whitespace in the answer between the previous match and this token
+        if found:
+            cursor = start + len(core)
+        if not groups or marked or special or spaced or _is_special(tokens[groups[-1][-1]]):
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def _is_special(token: str) -> bool:
+    core = display_text(token).strip()
+    return bool(_SPECIAL.fullmatch(core)) and not _BYTE.fullmatch(core)
+
+
+def word_view(pieces: list[PieceView], maps: np.ndarray, weights: np.ndarray, filler: bool | None) -> WordView:
+    """A word from its pieces: weight = max λ, map = MinMax(Σ λ_i E_i) (plain sum if every λ is 0)."""
+    if len(pieces) == 1:
+        merged = maps[0]
+    else:
+        positive = np.clip(weights, 0.0, None)
+        combined = np.tensordot(positive if positive.sum() > 0 else np.ones_like(positive), maps, axes=1)
+        low, high = combined.min(), combined.max()
+        merged = (combined - low) / (high - low) if high > low else np.zeros_like(combined)
+    return WordView(
+        pieces=pieces,
+        weight=float(weights.max()),
+        map=merged,
+        filler=filler,
+        empty=all(p.empty for p in pieces),
+    )
+
+
+LABELS = {
+    "dexar": "DEX-AR",
+    "attention": "Attention",
+    "rollout": "Rollout",
+    "gradcam": "GradCAM",
+    "chefercam": "CheferCAM",
+    "attngrad": "AttnGrad",
+    "integrated_gradients": "Integrated Gradients",
+    "rise": "RISE",
+    "iia": "IIA",
+    "tam": "TAM",
+}
+"""Display names of the registered methods (other names are shown as they are)."""
+
+
+def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool | None] | None = None) -> MethodView:
+    """One method's view from an explanation-like object (see the module docstring)."""
+    tokens = list(explanation.tokens)
+    maps = _numpy(explanation.token_maps)
+    weights = _numpy(explanation.token_weights).astype(np.float64)
+    empty = _numpy(explanation.token_empty).astype(bool) if explanation.token_empty is not None else None
+    name = name or getattr(explanation, "method", None) or "method"
+    if maps.shape[0] != len(tokens) or weights.shape != (len(tokens),):
+        raise ValueError(
+            f"explanation {name!r}: {len(tokens)} tokens but token_maps {tuple(maps.shape)} and "
+            f"token_weights {tuple(weights.shape)}"
+        )
+    groups = group_pieces(tokens, getattr(explanation, "answer", "") or "")
+    if filler is not None and len(filler) != len(groups):
+        raise ValueError(f"explanation {name!r}: {len(filler)} filler flags for {len(groups)} words {tokens}")
+    words = []
+    for k, group in enumerate(groups):
+        pieces = [
+            PieceView(
+                text=tokens[t],
+                weight=float(weights[t]),
+                map=maps[t],
+                empty=bool(empty[t]) if empty is not None else False,
+            )
+            for t in group
+        ]
+        words.append(word_view(pieces, maps[group], weights[group], None if filler is None else filler[k]))
+    return MethodView(
+        name=name,
+        words=words,
+        sequence_map=_numpy(explanation.sequence_map),
+        options=dict(getattr(explanation, "options", {}) or {}),
+        sequence_empty=bool(getattr(explanation, "sequence_empty", False)),
+        label=LABELS.get(name, name),
+    )
+
+
+def payload_from_explanations(
+    explanations: Mapping[str, Any] | Sequence[Any],
+    image: Image.Image | np.ndarray | None = None,
+    prompt: str | None = None,
+    filler: Sequence[bool | None] | None = None,
+    grid_box: tuple[float, float, float, float] | None = None,
+    title: str | None = None,
+) -> ExplanationPayload:
+    """A payload from explanations of one sample: ``{label: explanation}`` or a list (named by ``.method``).
+
+    Args:
+        explanations: The sample's explanations, one per method, all of the same answer.
+        image: The explained image; default: the first explanation's ``image``.
+        prompt: The prompt shown above the answer.
+        filler: Per word of the answer: filler (True), content (False) or unknown (None).
+        grid_box: The region of ``image`` the maps cover (see :class:`ExplanationPayload`).
+        title: Page title.
+    """
+    named = list(explanations.items()) if isinstance(explanations, Mapping) else [(None, e) for e in explanations]
+    if not named:
+        raise ValueError("payload_from_explanations: no explanations given")
+    first = named[0][1]
+    image = image if image is not None else getattr(first, "image", None)
+    if image is None:
+        raise ValueError(
+            f"payload_from_explanations: sample {getattr(first, 'sample_id', None)!r} has no image: pass image="
+        )
+    return ExplanationPayload(
+        image=image,
+        methods=[method_view(exp, name, filler) for name, exp in named],
+        answer=getattr(first, "answer", "") or "",
+        prompt=prompt,
+        sample_id=getattr(first, "sample_id", None),
+        grid_box=grid_box,
+        title=title,
+    )
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        return values.detach().float().cpu().numpy()
+    return np.asarray(values)
