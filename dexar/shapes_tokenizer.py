@@ -3,9 +3,10 @@ r"""The Shapes model's tokenizer: a LLaVA-1.5-style SentencePiece BPE trained on
 Same design as LLaVA-1.5's Llama tokenizer, at a vocabulary small enough that most content words split:
 a ``tokenizers`` BPE with ``▁`` (metaspace) word-boundary markers, byte fallback (256 ``<0x..>`` pieces
 for any character outside the learned alphabet, e.g. the template's ``\n``), ``<unk>`` = 0, ``<s>`` = 1,
-``</s>`` = 2, and ``<image>`` and ``<pad>`` added after the vocabulary as in ``llava-hf``. It is wrapped as a
-``transformers`` :class:`~transformers.LlamaTokenizerFast`, so a saved directory (``tokenizer.json`` +
-``tokenizer_config.json``) loads with ``AutoTokenizer`` like LLaVA-1.5's.
+``</s>`` = 2, and ``<pad>`` and ``<image>`` added after the vocabulary (``llava-hf`` adds them too,
+``<image>`` first). It is wrapped as a ``transformers`` :class:`~transformers.LlamaTokenizerFast`, so a
+saved directory (``tokenizer.json`` + ``tokenizer_config.json``) loads with ``AutoTokenizer`` like
+LLaVA-1.5's (transformers 5 loads any ``llava`` model's tokenizer as the generic fast class).
 
 The BPE is trained on every Shapes conversation (prompt in the LLaVA-1.5 template, answer after
 ``ASSISTANT:``) with pieces of at most :data:`MAX_PIECE_LENGTH` characters (the ``▁`` counts), so a
@@ -76,7 +77,7 @@ def train_shapes_tokenizer(
 
     Returns:
         The tokenizer: ``<unk>``, ``<s>``, ``</s>``, the 256 byte pieces, the learned pieces, then the
-        special tokens ``<image>`` and ``<pad>``; left padding, ``<s>`` added in front.
+        special tokens ``<pad>`` and ``<image>``; left padding, ``<s>`` added in front.
 
     """
     bpe = Tokenizer(BPE(unk_token="<unk>"))
@@ -112,8 +113,13 @@ def train_shapes_tokenizer(
 
 
 def word_pieces(tokenizer: LlamaTokenizerFast, word: str) -> list[str]:
-    """The pieces of ``word`` as it appears inside a sentence (after a space)."""
-    return tokenizer.convert_ids_to_tokens(tokenizer(f"x {word}", add_special_tokens=False)["input_ids"])[1:]
+    """The pieces of ``word`` as it appears inside a sentence (after a space).
+
+    The tokenizer prepends ``▁`` to a text's first segment, so ``word`` alone tokenizes as it does after
+    a space (a prefix such as ``x`` would not do: a character outside the learned alphabet falls back
+    to bytes and adds a lone ``▁``).
+    """
+    return tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False)["input_ids"])
 
 
 def main(argv: list[str] | None = None) -> None:

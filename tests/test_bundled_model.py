@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoProcessor, AutoTokenizer, LlamaTokenizerFast
+from transformers import AutoTokenizer
 
 from datamodules.shapes import make_shapes_sample
 from dexar import SHAPES_CHECKPOINT, load_model, tracing
@@ -15,8 +15,8 @@ from dexar.adapters import get_adapter
 from dexar.generation import generate_answers
 from dexar.methods import DexAR
 from dexar.reference import naive_dexar, naive_layer_grads
-from dexar.shapes_model import CLIP_MEAN, CLIP_STD, COLORS, IMAGE_SIZE, SHAPES
-from dexar.shapes_tokenizer import train_shapes_tokenizer, word_pieces
+from dexar.shapes_model import IMAGE_SIZE, build_shapes_processor
+from dexar.shapes_tokenizer import train_shapes_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,56 +43,31 @@ def test_greedy_exact_match_on_500_held_out_images():
     assert hits / 500 >= 0.90
 
 
-def test_tokenizer_is_the_trained_llava_style_bpe():
-    tokenizer = AutoTokenizer.from_pretrained(SHAPES_CHECKPOINT)
-    assert isinstance(tokenizer, LlamaTokenizerFast)
-    assert json.loads((Path(SHAPES_CHECKPOINT) / "tokenizer_config.json").read_text())["tokenizer_class"] in (
-        "LlamaTokenizer",
-        "LlamaTokenizerFast",
-    )
-    trained = train_shapes_tokenizer()  # the script reproduces the shipped tokenizer exactly
-    assert tokenizer.get_vocab() == trained.get_vocab()
-    assert tokenizer.backend_tokenizer.to_str() == trained.backend_tokenizer.to_str()
-    ids = tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<0x0A>", "<0xFF>"])
-    assert ids == [0, 1, 2, 3, 13, 258]
-    assert tokenizer.convert_ids_to_tokens([len(tokenizer) - 2, len(tokenizer) - 1]) == ["<image>", "<pad>"]
-    assert (tokenizer.pad_token, tokenizer.image_token, tokenizer.padding_side) == ("<pad>", "<image>", "left")
-    pieces = {word: word_pieces(tokenizer, word) for word in (*COLORS, *SHAPES)}
-    assert all(1 <= len(p) <= 3 and p[0].startswith("▁") and "▁" not in "".join(p[1:]) for p in pieces.values())
-    assert sum(len(p) >= 2 for p in pieces.values()) > len(pieces) / 2, pieces
-    assert pieces["triangle"] == ["▁tri", "an", "gle"] and pieces["yellow"] == ["▁yel", "low"]
-    # the LLaVA-1.5 template: <s> in front, the newline by byte fallback, any character round-trips
-    prompt = tokenizer("USER: <image>\ndescribe the image. ASSISTANT:")["input_ids"]
-    assert prompt[0] == tokenizer.bos_token_id and "<0x0A>" in tokenizer.convert_ids_to_tokens(prompt)
-    assert tokenizer.decode(tokenizer("é ☕ x", add_special_tokens=False)["input_ids"]) == "é ☕ x"
+def _ships_the_sub_word_tokenizer() -> bool:
+    return AutoTokenizer.from_pretrained(SHAPES_CHECKPOINT).get_vocab() == train_shapes_tokenizer().get_vocab()
 
 
-def test_processor_is_llava_hf_clip_processing():
-    config = json.loads((Path(SHAPES_CHECKPOINT) / "processor_config.json").read_text())["image_processor"]
-    assert config["image_processor_type"] == "CLIPImageProcessor"
-    image_processor = AutoProcessor.from_pretrained(SHAPES_CHECKPOINT).image_processor
-    assert image_processor.size == {"shortest_edge": IMAGE_SIZE}
-    assert image_processor.crop_size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    assert image_processor.do_resize and image_processor.do_center_crop and image_processor.resample == 3
-    assert image_processor.do_rescale and image_processor.rescale_factor == pytest.approx(1 / 255)
-    assert list(image_processor.image_mean) == list(CLIP_MEAN) and list(image_processor.image_std) == list(CLIP_STD)
+@pytest.mark.skipif(
+    not _ships_the_sub_word_tokenizer(),
+    reason="the bundled checkpoint is still the word-level model: retrain it with configs/shapes/fit.yaml (issue 15.1)",
+)
+def test_bundled_checkpoint_ships_the_trained_bpe_and_llava_processor(tmp_path):
+    """The checkpoint's tokenizer and processor are the ones the code builds (tests/test_shapes_tokenizer.py)."""
+    build_shapes_processor().save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "processor_config.json"):
+        assert json.loads((Path(SHAPES_CHECKPOINT) / name).read_text()) == json.loads((tmp_path / name).read_text())
+    model, processor = load_model(SHAPES_CHECKPOINT)
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
 
 
-def test_answers_follow_assistant_with_a_leading_space():
+def test_generation_stops_at_eos():
     model, processor = load_model(SHAPES_CHECKPOINT)
     adapter = get_adapter(model, processor)
     sample = make_shapes_sample(2, "test")
-    prompt_ids, _ = adapter.encode_prompts([sample.image], [sample.prompt])
-    answer = adapter.tokenize_answer(sample.answer)
-    tokens = processor.tokenizer.convert_ids_to_tokens(answer)
-    assert tokens[:3] == ["▁i", "▁see", "▁a"] and len(answer) > len(sample.answer.split())
-    assert processor.tokenizer.decode(prompt_ids[0], skip_special_tokens=True).endswith(f"\n{sample.prompt} ASSISTANT:")
-    joint = processor.tokenizer(adapter.format_prompt(sample.prompt) + " " + sample.answer, add_special_tokens=True)[
-        "input_ids"
-    ]
-    assert joint[len(joint) - len(answer) :] == answer and processor.tokenizer.decode(answer) == sample.answer
     generated = generate_answers(adapter, [sample], max_new_tokens=32, keep_eos=True)[0]
     assert generated.ids[-1] == processor.tokenizer.eos_token_id, "generation stops at </s>"
+    assert generated.text == sample.answer
 
 
 def test_one_pass_equals_naive_on_bundled_model(bundled64):
