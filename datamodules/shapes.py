@@ -283,20 +283,32 @@ class ShapesDataset(Dataset[Sample]):
 class ShapesStream(IterableDataset[Sample]):
     """An endless stream of training samples; sample ``i`` of the stream is always the same.
 
-    Workers interleave indices so that the stream's order does not depend on ``num_workers``
+    Processes (``rank`` of ``world_size``, DDP) and their loader workers interleave indices, so every
+    sample is drawn by exactly one of them and the stream's order does not depend on ``num_workers``
     beyond the order in which workers' batches arrive (Lightning fixes it for a given setting).
     """
 
-    def __init__(self, split: str = "train", seed: int = 0, task: str = "mixed", start: int = 0) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        seed: int = 0,
+        task: str = "mixed",
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShapesStream rank must be in [0, world_size={world_size}), got {rank}")
         self.split, self.seed, self.task, self.start = split, seed, task, start
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        index = self.start + worker
+        index = self.start + self.rank * workers + worker
         while True:
             yield make_shapes_sample(index, self.split, self.seed, self.task)
-            index += workers
+            index += workers * self.world_size
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -308,7 +320,7 @@ class ShapesDataModule(L.LightningDataModule):
         task: ``caption``, ``question`` or ``mixed`` for predict.
         train_task: Task mix of the training stream.
         val_samples: Size of the validation split used during ``fit``.
-        batch_size: Batch size of every loader.
+        batch_size: Batch size of every loader (per process under DDP: the global batch is ``batch_size × devices``).
         num_workers: DataLoader workers.
         seed: Base seed of all splits.
 
@@ -330,8 +342,10 @@ class ShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DataLoader(
-            ShapesStream("train", hp.seed, hp.train_task),
+            ShapesStream("train", hp.seed, hp.train_task, rank=rank, world_size=world),
             batch_size=hp.batch_size,
             num_workers=hp.num_workers,
             collate_fn=collate_samples,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from datamodules.shapes import ASPECTS, ShapesDataModule, make_shapes_sample, view_box, view_mask
+from datamodules.shapes import ASPECTS, ShapesDataModule, ShapesStream, make_shapes_sample, view_box, view_mask
 from dexar.shapes_model import COLORS, IMAGE_SIZE, SHAPES, WORDS, build_shapes_processor
 
 
@@ -153,3 +153,23 @@ def test_datamodule_predict_loader():
     batches = list(dm.predict_dataloader())
     assert [len(b) for b in batches] == [4, 4, 2]
     assert [s.id for b in batches for s in b] == [f"shapes-test-{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_stream_shards_across_processes_without_repeats(workers):
+    """Under DDP each process draws its own samples: ranks × workers partition the stream's indices."""
+    from itertools import islice
+
+    from torch.utils.data import DataLoader
+
+    def indices(rank: int, world: int) -> list[int]:
+        stream = ShapesStream("train", task="caption", rank=rank, world_size=world)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        return [s.meta["index"] for s in islice(loader, 12)]
+
+    single = indices(0, 1)
+    assert sorted(single) == list(range(12))
+    first, second = indices(0, 2), indices(1, 2)
+    assert not set(first) & set(second) and sorted(first + second) == list(range(24))
+    with pytest.raises(ValueError, match="rank"):
+        ShapesStream(rank=2, world_size=2)
