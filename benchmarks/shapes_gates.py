@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--checkpoint", default=SHAPES_CHECKPOINT)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     files = {p.name: p.stat().st_size for p in Path(args.checkpoint).iterdir()}
     print(f"checkpoint {args.checkpoint}: {sum(files.values()) / 2**20:.2f} MiB ({', '.join(sorted(files))})")
     model, processor = load_model(args.checkpoint)
