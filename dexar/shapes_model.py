@@ -74,6 +74,18 @@ def caption(objects: Sequence[tuple[str, str]]) -> str:
     return " and ".join([f"i see a {c} {s}" if not k else f"a {c} {s}" for k, (c, s) in enumerate(objects)])
 
 
+def tokenizer_specials() -> dict[str, Any]:
+    """The special tokens and padding side every Shapes tokenizer is built with (LLaVA-1.5's names)."""
+    return {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "extra_special_tokens": {"image_token": "<image>"},
+    }
+
+
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over the Shapes words (:data:`WORDS`), adding ``<s>`` in front.
 
@@ -87,15 +99,7 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_specials())
     return fast
 
 

@@ -27,7 +27,15 @@ from tokenizers.models import BPE
 from transformers import LlamaTokenizerFast
 
 from dexar.adapters.llava import LlavaAdapter
-from dexar.shapes_model import CAPTION_PROMPT, COLOR_QUESTION, COLORS, SHAPE_QUESTION, SHAPES, caption
+from dexar.shapes_model import (
+    CAPTION_PROMPT,
+    COLOR_QUESTION,
+    COLORS,
+    SHAPE_QUESTION,
+    SHAPES,
+    caption,
+    tokenizer_specials,
+)
 
 BPE_VOCAB_SIZE = 100
 """Learned vocabulary of the BPE trainer (``<unk>``, ``<s>``, ``</s>``, the alphabet and the merges)."""
@@ -101,14 +109,9 @@ def train_shapes_tokenizer(
     return LlamaTokenizerFast(
         vocab={p: i for i, p in enumerate(pieces)},
         merges=merges,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        padding_side="left",
         add_bos_token=True,
         add_eos_token=False,
-        extra_special_tokens={"image_token": "<image>"},
+        **tokenizer_specials(),
     )
 
 
