@@ -18,6 +18,8 @@ def _fit(out: Path) -> dict:
     main(
         [
             "fit",
+            "--trainer.devices=1",  # in this process: fit.yaml's DDP would relaunch the command (pytest)
+            "--trainer.strategy=auto",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             "--trainer.enable_progress_bar=false",
