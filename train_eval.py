@@ -13,6 +13,7 @@ so such a run leaves no W&B run behind.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -198,7 +199,12 @@ class DexarCLI(LightningCLI):
                 # processes ddp_spawn starts attach to the W&B run with settings from the environment only:
                 # without this their media go to ./wandb
                 os.environ["WANDB_DIR"] = str(Path(root).resolve())
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict":
+            # every result is in the run directory (shards, results.json); returned predictions would keep
+            # every explanation of the run in memory on every process (LightningCLI keeps them under DDP)
+            trainer.predict = functools.partial(trainer.predict, return_predictions=False)
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.shapes import make_shapes_sample  # noqa: E402
-from dexar import SHAPES_CHECKPOINT, load_model, tracing  # noqa: E402
+from dexar import SHAPES_CHECKPOINT, load_model  # noqa: E402
 from dexar.adapters import get_adapter  # noqa: E402
 from dexar.methods import DexAR, RawAttention  # noqa: E402
+from dexar.trace import run as run_trace
 from metrics.functional import energy_pointing_game  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         answers = [adapter.tokenize_answer(s.answer) for s in samples]
         prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = adapter.build_batch(prompt_ids, answers, image_inputs)
-        trace = tracing.run(adapter, batch)
+        trace = run_trace(adapter, batch)
         t_max = batch.answer_ids.shape[1]
         targets = []  # (sample, slot, mask, where the sample's maps lie on its image)
         for b, s in enumerate(samples):

@@ -4,7 +4,7 @@ Model: random LLaVA (by default 8 decoder layers, hidden 512, 8 heads, 576 image
 of a 336-px image, patch 14, as ``benchmarks/one_pass.py``), float32, SDPA; one table per
 ``--answer-tokens`` length. The paper's table 1 explains ImageNet class names and VQAv2 answers (a
 few tokens: the default 5); 20 is a caption. Everything runs in one process, methods in turn on the
-same inputs; each method's time is one :func:`dexar.tracing.run` with its own needs plus the method
+same inputs; each method's time is one :func:`dexar.trace.run` with its own needs plus the method
 (median of ``--repeats``; the costly ones once), after one warm-up of everything, repeats taken
 round-robin so that load changes hit every method alike. The last rows time the shared trace of several
 methods against the sum of their separate runs. Ratios only: absolute times depend on the machine.
@@ -111,11 +111,11 @@ def _interleaved(fns: dict, repeats: dict[str, int]) -> dict[str, float]:
 
 
 def _table(args, adapter, batch, methods, answer_tokens: int) -> None:
-    from dexar import tracing
+    from dexar.trace import run as run_trace
 
     def run(names):
         union = frozenset().union(*(methods[n].needs for n in names))
-        trace = tracing.run(adapter, batch, union)
+        trace = run_trace(adapter, batch, union)
         for n in names:
             methods[n](trace)
 

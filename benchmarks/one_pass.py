@@ -45,9 +45,9 @@ def _setup(answer_tokens: int):
 def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> dict:
     import torch
 
-    from dexar import tracing
     from dexar.methods import DexAR
     from dexar.reference import naive_layer_grads
+    from dexar.trace import run as run_trace
 
     torch.set_num_threads(threads)
     model, adapter, batch = _setup(answer_tokens)
@@ -62,7 +62,7 @@ def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> d
             adapter.backbone_forward(inputs)
 
     def explain():
-        DexAR()(tracing.run(adapter, batch))
+        DexAR()(run_trace(adapter, batch))
 
     def naive():
         naive_layer_grads(adapter, batch, 0)

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.shapes import make_shapes_sample, view_mask  # noqa: E402
-from dexar import SHAPES_CHECKPOINT, load_model, tracing  # noqa: E402
+from dexar import SHAPES_CHECKPOINT, load_model  # noqa: E402
 from dexar.adapters import get_adapter  # noqa: E402
 from dexar.generation import generate_answers  # noqa: E402
 from dexar.labels import sample_token_labels  # noqa: E402
 from dexar.methods import DexAR  # noqa: E402
 from dexar.schema import Sample  # noqa: E402
 from dexar.shapes_model import IMAGE_SIZE  # noqa: E402
+from dexar.trace import run as run_trace  # noqa: E402
 from metrics.functional import energy_pointing_game  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def localization(adapter, samples: list[Sample], batch_size: int) -> dict[str, l
         answers = [adapter.tokenize_answer(s.answer) for s in chunk]
         prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in chunk], [s.prompt for s in chunk])
         batch = adapter.build_batch(prompt_ids, answers, image_inputs)
-        result = method(tracing.run(adapter, batch, method.needs))
+        result = method(run_trace(adapter, batch, method.needs))
         t_max = batch.answer_ids.shape[1]
         for b, sample in enumerate(chunk):
             labels = sample_token_labels(sample, adapter.tokenizer, context=adapter.format_prompt(sample.prompt))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from dexar.resume import Progress, owner_rank
 from dexar.schema import Sample
 
 SHARD_GLOB = "shards/rank*/batch*.safetensors"
+log = logging.getLogger(__name__)
 
 
 class HeatmapWriter(BasePredictionWriter):
@@ -32,6 +34,11 @@ class HeatmapWriter(BasePredictionWriter):
     finished batch and never a half-written one. Overlays (sequence map + per-token strip) are written
     for dataset indices below ``num_overlays``, whatever the number of processes, before the shard.
 
+    **Explorer** (``explorer=True``): those samples also get a page ``explorer/samples/<id>.html`` (every
+    method side by side, per-sample metric values beside it), written with the overlays; at predict end
+    rank 0 writes ``explorer/index.html`` (sortable sample list, mean curves), see
+    :mod:`dexar.explorer.predict`.
+
     **Resume**: with ``resume=True`` (default) a run started again in the same directory reads the
     shards at predict start and hands them to the module (``resume_from``): done samples are skipped,
     their metric contributions, failures and measured seconds (``timing``: seconds per phase and the
@@ -42,14 +49,18 @@ class HeatmapWriter(BasePredictionWriter):
         output_dir: Run directory; default: the trainer's ``default_root_dir``.
         num_overlays: Number of samples (by dataset index) that get PNG overlays.
         resume: Continue from the shards already in ``output_dir``.
+        explorer: Write the HTML run explorer of the overlay samples.
     """
 
-    def __init__(self, output_dir: str | None = None, num_overlays: int = 16, resume: bool = True) -> None:
+    def __init__(
+        self, output_dir: str | None = None, num_overlays: int = 16, resume: bool = True, explorer: bool = True
+    ) -> None:
         super().__init__(write_interval="batch")
         self._requested_dir = output_dir
         self.output_dir = Path(output_dir or "runs/predict")
         self.num_overlays = num_overlays
         self.resume = resume
+        self.explorer = explorer
         self.written = 0
         self.resumed = 0
 
@@ -129,12 +140,49 @@ class HeatmapWriter(BasePredictionWriter):
         unreadable = {m.index for m in getattr(batch, "skipped", ())}
         batch_indices = [i for i in batch_indices if i not in unreadable]
         by_id = {s.id: (s, i) for s, i in zip(batch, batch_indices, strict=True)}
+        pages: dict[str, dict[str, Explanation]] = {}
         for label, exps in prediction.explanations.items():
             for exp in exps:
                 sample, index = by_id[exp.sample_id]
                 if index < self.num_overlays:
                     exp_with_image: Explanation = Explanation(**{**exp.__dict__, "image": sample.image})
                     exp_with_image.save(self.output_dir / "overlays" / label / _safe(exp.sample_id))
+                    pages.setdefault(exp.sample_id, {})[label] = exp_with_image
+        if self.explorer:
+            for sample_id, explanations in pages.items():
+                try:  # a page that cannot be drawn must not stop the run
+                    self._explorer_page(by_id[sample_id], explanations, getattr(prediction, "contributions", {}))
+                except (ValueError, OSError) as err:
+                    log.warning("explorer page of sample %s not written: %s", sample_id, err)
+
+    def _explorer_page(
+        self, sample_index: tuple[Sample, int], explanations: dict[str, Explanation], contributions: dict
+    ) -> None:
+        """One overlay sample's explorer page, every method side by side, with its metric values."""
+        from dexar.explorer import payload_from_explanations
+        from dexar.explorer.adapter import filler_flags
+        from dexar.explorer.predict import contribution_values, write_sample_page
+
+        sample, index = sample_index
+        first = next(iter(explanations.values()))
+        filler = filler_flags(first.tokens, first.answer, sample.answer, sample.word_is_content)
+        payload = payload_from_explanations(explanations, image=sample.image, prompt=sample.prompt, filler=filler)
+        metrics = contribution_values(contributions.get(sample.id, {}))
+        write_sample_page(payload, self.output_dir / "explorer", index, metrics)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0 writes ``explorer/index.html`` once every process wrote its sample pages."""
+        if not self.explorer or self.num_overlays <= 0:
+            return
+        trainer.strategy.barrier("explorer_index")  # every rank's pages are on disk
+        if trainer.is_global_zero:
+            from dexar.explorer import metric_specs
+            from dexar.explorer.predict import write_predict_index
+
+            specs = metric_specs(getattr(pl_module, "metric_sets", {}))
+            index = write_predict_index(self.output_dir, specs, limit=self.num_overlays)
+            if index is not None:
+                print(f"HeatmapWriter: explorer of the first {self.num_overlays} samples: {index}")
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         failed = len(getattr(pl_module, "failed", []))

@@ -21,7 +21,10 @@ class WandbMedia(Callback):
     * the overlays ``HeatmapWriter`` wrote for the first samples, captioned with the answer: sequence maps
       under ``overlays/<method>/sequence``, per-token strips under ``overlays/<method>/tokens`` (each list
       padded to one size) — read from disk, so every rank's samples are included;
-    * a per-sample table: sample id (or ``id#token``), method, and each metric's value.
+    * a per-sample table: sample id (or ``id#token``), method, and each metric's value; for the samples
+      ``HeatmapWriter`` wrote an explorer page for (the overlay samples), the page as ``wandb.Html`` in
+      column ``explanation`` of the sample's first row (every method side by side: hover the same words
+      in two runs' tables to compare them).
 
     Metric accessors are collective under DDP, so every rank runs them; only rank 0 logs. Without a
     ``WandbLogger`` the callback does nothing.
@@ -47,12 +50,15 @@ class WandbMedia(Callback):
             table = wandb.Table(columns=columns, data=data)
             payload[f"curves/{label}/{name}"] = wandb.plot.line(table, columns[0], columns[-1], title=f"{label} {name}")
             payload[f"curve_tables/{label}/{name}"] = table
-        if rows:
+        pages = _explorer_pages(Path(trainer.default_root_dir))
+        if rows or pages:
             metric_names = sorted({k for r in rows for k in r if k not in ("sample", "method")})
-            payload["per_sample"] = wandb.Table(
-                columns=["sample", "method", *metric_names],
-                data=[[r["sample"], r["method"], *[r.get(m) for m in metric_names]] for r in rows],
-            )
+            data = [[r["sample"], r["method"], *[r.get(m) for m in metric_names]] for r in rows]
+            columns = ["sample", "method", *metric_names]
+            if pages:
+                data = _with_pages(data, pages, wandb)
+                columns.append("explanation")
+            payload["per_sample"] = wandb.Table(columns=columns, data=data)
         payload.update(self._overlays(Path(trainer.default_root_dir), wandb))
         if payload:
             logger.experiment.log(payload)
@@ -77,6 +83,38 @@ class WandbMedia(Callback):
                     logged = [wandb.Image(image, caption=c) for image, (_, c) in zip(padded, images, strict=True)]
                     out[f"overlays/{method_dir.name}/{kind}"] = logged
         return out
+
+
+def _explorer_pages(run_dir: Path) -> dict[str, str]:
+    """Sample id → text of its explorer page (``explorer/samples``, see :mod:`dexar.explorer.predict`)."""
+    from dexar.explorer.predict import read_sample_rows
+
+    explorer = run_dir / "explorer"
+    return {r["id"]: (explorer / r["href"]).read_text(encoding="utf-8") for r in read_sample_rows(explorer)}
+
+
+def _with_pages(data: list[list[Any]], pages: dict[str, str], wandb: Any) -> list[list[Any]]:
+    """Rows + an ``explanation`` cell: the sample's page as ``wandb.Html`` in its first row, else None.
+
+    A page whose sample has no row (no per-sample metric) gets a row of its own.
+    """
+    left = dict(pages)
+    out = []
+    for row in data:
+        key = _page_of(row[0], left)
+        out.append([*row, wandb.Html(left.pop(key), inject=False, data_is_not_path=True) if key else None])
+    width = len(data[0]) if data else 2
+    for sample_id, text in left.items():
+        out.append([sample_id, *[None] * (width - 1), wandb.Html(text, inject=False, data_is_not_path=True)])
+    return out
+
+
+def _page_of(row_id: str, pages: dict[str, str]) -> str | None:
+    """The page key of a table row id (``id`` or ``id#token``) if that sample still needs its page."""
+    if row_id in pages:
+        return row_id
+    head, sep, tail = row_id.rpartition("#")
+    return head if sep and tail.isdigit() and head in pages else None
 
 
 def same_size(images: list[Image.Image]) -> list[Image.Image]:

@@ -1,6 +1,7 @@
 """The ``dexar`` console script.
 
-* ``dexar explain IMAGE --model PATH_OR_ID --prompt TEXT``: explain one image;
+* ``dexar explain IMAGE --model PATH_OR_ID --prompt TEXT [--method dexar,attention] [--html]``: explain one
+  image (several methods share one trace; ``--html`` writes ``explanation.html``, every method in one page);
 * ``dexar grid CONFIG [--run] [--sweep FILE] [-- EXTRA ARGS]``: one predict run per grid variant;
 * ``dexar report RUN_DIR... [--out DIR]``: the paper's tables from finished runs.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from dexar.adapters import DexarInputError
 from dexar.shapes_model import SHAPES_CHECKPOINT
@@ -27,12 +29,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--prompt", required=True, help="user prompt; the model's template is applied")
     ex.add_argument("--answer", default=None, help="answer to teacher-force (default: generate greedily)")
-    ex.add_argument("--method", default="dexar", help="explanation method (default: dexar)")
+    ex.add_argument(
+        "--method",
+        default="dexar",
+        help="explanation method, or several separated by commas (one shared trace), e.g. dexar,attention,chefercam",
+    )
     ex.add_argument("--head-filter", default=None, help="DEX-AR head filter: max, avg, none, top-0.05 ... top-0.9")
     ex.add_argument("--max-new-tokens", type=int, default=32, help="generation budget (default: 32)")
     ex.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     ex.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     ex.add_argument("--out", default="dexar-out", help="output directory (default: dexar-out)")
+    ex.add_argument(
+        "--html",
+        action="store_true",
+        help="also write OUT/explanation.html: the answer word by word over the image, every method; opens offline",
+    )
     grid = sub.add_parser(
         "grid",
         help="list (or run, or write a W&B sweep of) the variants of a config's grid",
@@ -92,41 +103,76 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dexar {args.command}: error: {err}", file=sys.stderr)
             return 2
     try:
-        from dexar.explain import explain, open_image
+        from dexar.explain import Explainer, open_image
         from dexar.loading import load_model
-        from dexar.methods import build_method
+        from dexar.schema import Sample
 
         image = open_image(args.image)
         options = {"head_filter": args.head_filter} if args.head_filter else {}
-        try:  # a bad method or option fails before the model loads
-            build_method(args.method, **options)
-        except TypeError as err:
-            raise ValueError(f"method {args.method!r} does not take {sorted(options)}: {err}") from None
+        methods = _methods(args.method, options)  # a bad method or option fails before the model loads
         model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
-        result = explain(
-            model,
-            processor,
-            image,
-            args.prompt,
-            args.answer,
-            args.method,
-            max_new_tokens=args.max_new_tokens,
-            **options,
-        )
+        sample = Sample(id="input", image=image, prompt=args.prompt, answer=args.answer)
+        source = "generate" if args.answer is None else "ground_truth"
+        results = Explainer(model, processor, methods).explain_samples([sample], source, args.max_new_tokens)
     except (DexarInputError, ValueError) as err:
         print(f"dexar: error: {err}", file=sys.stderr)
         return 2
+    explanations = {name: exps[0] for name, exps in results.items()}
+    out = Path(args.out)
     try:
-        out = result.save(Path(args.out))
+        written = _save(explanations, out, args.prompt, args.html, title=Path(args.image).name)
     except OSError as err:
         print(f"dexar: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
-    print(f"answer: {result.answer}")
-    print(
-        "tokens: " + " ".join(f"{t}({float(w):.3g})" for t, w in zip(result.tokens, result.token_weights, strict=True))
-    )
-    print(f"wrote {out / 'sequence.png'}, {out / 'tokens.png'}, {out / 'explanation.json'}")
+    first = next(iter(explanations.values()))
+    print(f"answer: {first.answer}")
+    for name, result in explanations.items():
+        prefix = f"{name} " if len(explanations) > 1 else ""
+        weights = zip(result.tokens, result.token_weights, strict=True)
+        print(f"{prefix}tokens: " + " ".join(f"{t}({float(w):.3g})" for t, w in weights))
+    print("wrote " + ", ".join(str(p) for p in written))
+    if args.html:
+        print(f"open {out / 'explanation.html'} in a browser (works offline)")
     return 0
+
+
+def _methods(spec: str, options: dict[str, str]) -> dict[str, Any]:
+    """``--method`` (one name or ``a,b,c``) as method instances; ``options`` go to the methods that take them.
+
+    Raises:
+        ValueError: An unknown or repeated method, or options that no listed method takes.
+    """
+    from dexar.methods import build_method
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--method: no method given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--method: {spec!r} lists a method twice")
+    methods, errors = {}, []
+    for name in names:
+        try:
+            methods[name] = build_method(name, **options)
+        except TypeError as err:
+            errors.append(f"method {name!r} does not take {sorted(options)}: {err}")
+            methods[name] = build_method(name)
+    if errors and (len(names) == 1 or len(errors) == len(names)):
+        raise ValueError("; ".join(errors))
+    return methods
+
+
+def _save(explanations: dict[str, Any], out: Path, prompt: str, html: bool, title: str) -> list[Path]:
+    """Write each method's PNGs and JSON (``out/`` for one method, ``out/<method>/`` for several) and the page."""
+    written = []
+    for name, result in explanations.items():
+        directory = result.save(out if len(explanations) == 1 else out / name)
+        written += [directory / "sequence.png", directory / "tokens.png", directory / "explanation.json"]
+    if html:
+        from dexar.explorer import payload_from_explanations, write_explanation_html
+
+        payload = payload_from_explanations(explanations, prompt=prompt, title=title)
+        written.append(write_explanation_html(payload, out / "explanation.html"))
+    return written
 
 
 if __name__ == "__main__":

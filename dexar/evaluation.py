@@ -17,6 +17,14 @@ consume with an ``input_kind`` class attribute:
   Perturbation ranks and edits ``pixel_values``, the model's own view (e.g. LLaVA-1.5's center crop),
   on which the grid lies exactly for every family that supports it (LLaVA, PaliGemma, Florence-2: the
   grid spans the whole view), so the map is stretched over that view, never over the original image.
+
+Perturbation is the cost of evaluation. :meth:`Evaluator.score` scores every method's and every
+sample's perturbed images of a batch together (:func:`dexar.pooled_perturbation.pooled_curves`: full
+forwards, shared end images once per sample, WebP encodes overlapping the forwards);
+``EvaluationSettings(pooled=False)`` keeps the slow reference, one
+:func:`~dexar.perturbation.perturbation_curves` call per sample and method (the same values, tested
+to 1e-6). A (sample, method) that cannot be scored (a NaN map, an empty answer) raises from
+:meth:`Evaluator.update_one`, so the caller can count it and go on.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import torch
 from dexar.adapters.base import VLMAdapter
 from dexar.explanation import Explanation
 from dexar.labels import sample_token_labels
-from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, perturbation_curves
+from dexar.perturbation import DEFAULT_BLUR_SIGMA, MODES, RANK_LEVELS, PerturbationCurve
+from dexar.pooled_perturbation import CurveRequest, pooled_curves, reference_curves
 from dexar.schema import Sample
 
 LOCALIZATION_TARGETS = ("sequence", "tokens")
@@ -60,6 +69,8 @@ class EvaluationSettings:
         blur_sigma: σ in pixels of the insertion blur.
         rank_levels: Quantization levels of a map before its pixels are ranked
             (:func:`dexar.perturbation.rank_pixels`; ``None``: unquantized).
+        pooled: Score a batch's perturbed images together (:meth:`Evaluator.score`); ``False``: the
+            reference path, one sample and method at a time.
     """
 
     localization_target: str = "sequence"
@@ -67,6 +78,7 @@ class EvaluationSettings:
     replacement: float = 0.0
     blur_sigma: float = DEFAULT_BLUR_SIGMA
     rank_levels: int | None = RANK_LEVELS
+    pooled: bool = True
 
     def __post_init__(self) -> None:
         if self.localization_target not in LOCALIZATION_TARGETS:
@@ -104,15 +116,86 @@ class Evaluator:
         self._warned_unseen: set[str] = set()
 
     def update(self, samples: list[Sample], explanations: Mapping[str, list[Explanation]]) -> None:
-        """Update every metric of every method with a batch's explanations."""
+        """Update every metric of every method with a batch's explanations (raises on the first failure)."""
         by_id = {s.id: s for s in samples}
+        scored = self.score(samples, explanations)
         for label, exps in explanations.items():
             if label not in self.metrics:
                 continue
             for exp in exps:
-                self._update_one(label, by_id[exp.sample_id], exp)
+                self.update_one(label, by_id[exp.sample_id], exp, scored.get((label, exp.sample_id)))
 
-    def _update_one(self, label: str, sample: Sample, exp: Explanation) -> None:
+    def score(
+        self, samples: list[Sample], explanations: Mapping[str, list[Explanation]]
+    ) -> dict[tuple[str, str], dict[str, PerturbationCurve] | Exception]:
+        """Perturbation curves of every (method, sample) of a batch that needs them, pooled.
+
+        Returns:
+            ``(label, sample_id)`` → mode → curve, or the exception that stopped that pair; empty with
+            ``pooled=False`` (:meth:`update_one` then scores each pair on its own).
+        """
+        if not self.settings.pooled:
+            return {}
+        by_id = {s.id: s for s in samples}
+        requests: dict[tuple[str, str], CurveRequest] = {}
+        out: dict[tuple[str, str], dict[str, PerturbationCurve] | Exception] = {}
+        for label, exps in explanations.items():
+            modes = self._perturbation_modes(label)
+            for exp in exps:
+                sample = by_id[exp.sample_id]
+                if not modes or sample.answer is None:
+                    continue
+                try:
+                    requests[(label, sample.id)] = self._request(label, sample, exp, modes)
+                except Exception as err:  # noqa: BLE001 - counted per sample by the caller
+                    out[(label, sample.id)] = err
+        out.update(
+            pooled_curves(
+                self.adapter,
+                requests,
+                max_batch=self.settings.max_batch,
+                replacement=self.settings.replacement,
+                blur_sigma=self.settings.blur_sigma,
+                rank_levels=self.settings.rank_levels,
+            )
+        )
+        return out
+
+    def _perturbation_modes(self, label: str) -> dict[str, str]:
+        """Metric name → perturbation mode of a method's perturbation metrics."""
+        kinds = self.kinds.get(label, {})
+        return {n: k.split(":", 1)[1] for n, k in kinds.items() if k.startswith("perturbation:")}
+
+    def _request(self, label: str, sample: Sample, exp: Explanation, modes: dict[str, str]) -> CurveRequest:
+        group = self.metrics[label]
+        device = next(self.adapter.model.parameters()).device
+        return CurveRequest(
+            group=sample.id,
+            pixel_values=exp.inputs["pixel_values"].to(device),
+            prompt_ids=self.adapter.explained_prompt_ids(exp.inputs, exp.answer_positions),
+            answer_ids=self.adapter.tokenize_answer(sample.answer),
+            heatmap=exp.sequence_map,
+            levels={mode: [float(x) for x in group[name].levels] for name, mode in modes.items()},
+        )
+
+    def update_one(
+        self,
+        label: str,
+        sample: Sample,
+        exp: Explanation,
+        curves: dict[str, PerturbationCurve] | Exception | None = None,
+    ) -> None:
+        """Update one method's metrics with one sample's explanation.
+
+        Args:
+            label: Method label.
+            sample: The explained sample.
+            exp: Its explanation by the method.
+            curves: Its perturbation curves from :meth:`score` (an exception there is raised here);
+                ``None``: computed here, on their own (the reference path).
+        """
+        if isinstance(curves, Exception):
+            raise curves
         kinds = self.kinds[label]
         group = self.metrics[label]
         loc = [n for n, k in kinds.items() if k == "localization"]
@@ -131,9 +214,9 @@ class Evaluator:
                 for name in fill:
                     group[name].update([exp.token_weights.double()], [content], [mass])
                     self.rows[label][name].append(sample.id)
-        pert = {n: k.split(":", 1)[1] for n, k in kinds.items() if k.startswith("perturbation:")}
+        pert = self._perturbation_modes(label)
         if pert and sample.answer is not None:
-            self._perturbation(label, sample, exp, pert)
+            self._perturbation(label, sample, exp, pert, curves)
 
     def _filler_labels(self, sample: Sample, exp: Explanation) -> torch.Tensor | None:
         """Per-token content flags of the explained tokens, or ``None`` when they are not the ground truth.
@@ -196,25 +279,25 @@ class Evaluator:
                 sample_id,
             )
 
-    def _perturbation(self, label: str, sample: Sample, exp: Explanation, modes: dict[str, str]) -> None:
+    def _perturbation(
+        self,
+        label: str,
+        sample: Sample,
+        exp: Explanation,
+        modes: dict[str, str],
+        curves: dict[str, PerturbationCurve] | None = None,
+    ) -> None:
         group = self.metrics[label]
-        answer_ids = self.adapter.tokenize_answer(sample.answer)
-        prompt_ids = self.adapter.explained_prompt_ids(exp.inputs, exp.answer_positions)
-        levels = {mode: [float(x) for x in group[name].levels] for name, mode in modes.items()}
-        device = next(self.adapter.model.parameters()).device
-        curves = perturbation_curves(
-            self.adapter,
-            exp.inputs["pixel_values"].to(device),
-            prompt_ids,
-            answer_ids,
-            exp.sequence_map,
-            modes=tuple(levels),
-            levels=levels,
-            max_batch=self.settings.max_batch,
-            replacement=self.settings.replacement,
-            blur_sigma=self.settings.blur_sigma,
-            rank_levels=self.settings.rank_levels,
-        )
+        if curves is None:
+            settings = self.settings
+            curves = reference_curves(
+                self.adapter,
+                self._request(label, sample, exp, modes),
+                settings.max_batch,
+                settings.replacement,
+                settings.blur_sigma,
+                settings.rank_levels,
+            )
         for name, mode in modes.items():
             curve = curves[mode]
             metric = group[name]

@@ -12,12 +12,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from dexar import tracing
-from dexar.adapters import DexarInputError, VLMAdapter, get_adapter
+from dexar.adapters import DexarInputError, TeacherForcedBatch, VLMAdapter, get_adapter
+from dexar.adapters.geometry import MapGeometry
 from dexar.explanation import Explanation
 from dexar.generation import generate_answers
 from dexar.methods import Method, MethodOutput, build_method
 from dexar.schema import Sample
+from dexar.trace import run as run_trace
 
 ANSWER_SOURCES = ("ground_truth", "generate")
 
@@ -50,7 +51,7 @@ class Explainer:
         """Label → why the architecture cannot run the method (``skip_unsupported``)."""
         for label, method in list(self.methods.items()):
             try:
-                self.adapter.check_method(method.name)  # a one-line error for a method the architecture lacks
+                self.adapter.check_method(method)  # a one-line error for a method the architecture lacks
             except DexarInputError as err:
                 if not skip_unsupported:
                     raise
@@ -125,18 +126,21 @@ class Explainer:
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
         batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
         clock.lap("encoding")
-        trace = tracing.run(self.adapter, batch, self.needs)
+        trace = run_trace(self.adapter, batch, self.needs)
         clock.lap("trace")
         results: dict[str, list[Explanation]] = {}
+        inputs = [batch.sample_inputs(b) for b in range(len(samples))]  # one copy per sample, shared by methods
+        geometries = [self.adapter.map_geometry(s.image) for s in samples]  # once per sample, not per method
+        shared = (batch, samples, answer_ids, texts, keep_images, inputs, geometries)
         for name, method in self.methods.items():
             out = method(trace)
-            results[name] = self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
+            results[name] = self._explanations(name, method, out, *shared)
             clock.lap(f"method/{name}")
         del trace, out  # free the shared trace before any trace of one method's needs
         if time_alone:
             for name, method in self.methods.items():
-                out = method(tracing.run(self.adapter, batch, method.needs))
-                self._explanations(name, method, out, batch, samples, answer_ids, texts, keep_images)
+                out = method(run_trace(self.adapter, batch, method.needs))
+                self._explanations(name, method, out, *shared)
                 clock.lap(f"alone/{name}")
         self.last_timings = clock.laps
         return results
@@ -146,13 +150,21 @@ class Explainer:
         name: str,
         method: Method,
         out: MethodOutput,
-        batch: tracing.TeacherForcedBatch,
+        batch: TeacherForcedBatch,
         samples: list[Sample],
         answer_ids: list[list[int]],
         texts: list[str],
         keep_images: bool,
+        inputs: list[dict[str, torch.Tensor]],
+        geometries: list[MapGeometry],
     ) -> list[Explanation]:
-        """One method's batched output as one :class:`Explanation` per sample (CPU tensors)."""
+        """One method's batched output as one :class:`Explanation` per sample (CPU tensors).
+
+        ``inputs`` holds each sample's unpadded inputs (:meth:`TeacherForcedBatch.sample_inputs`), made
+        once per sample: every method's explanation of a sample holds the same tensors (one
+        ``pixel_values`` copy per sample, not one per method), in a dict of its own. ``geometries`` holds
+        each sample's map geometry, also computed once per sample.
+        """
         per_sample = []
         for b, sample in enumerate(samples):
             length = int(batch.answer_lengths[b])
@@ -165,7 +177,7 @@ class Explainer:
                     token_maps=out.token_maps[b, sl].detach().cpu(),
                     token_weights=out.token_weights[b, sl].detach().cpu(),
                     sequence_map=out.sequence_map[b].detach().cpu(),
-                    inputs=batch.sample_inputs(b),
+                    inputs=dict(inputs[b]),
                     answer_positions=self._positions(batch, b),
                     method=name,
                     options=_options(method),
@@ -174,7 +186,7 @@ class Explainer:
                     answer=texts[b],
                     image=sample.image if keep_images else None,
                     sample_id=sample.id,
-                    geometry=self.adapter.map_geometry(sample.image),
+                    geometry=geometries[b],
                 )
             )
         return per_sample
@@ -204,7 +216,7 @@ class Explainer:
         return {name: [e for e in exps if e is not None] for name, exps in results.items()}
 
     @staticmethod
-    def _positions(batch: tracing.TeacherForcedBatch, index: int) -> torch.Tensor:
+    def _positions(batch: TeacherForcedBatch, index: int) -> torch.Tensor:
         """Answer positions in the unpadded ``input_ids`` of one sample."""
         return batch.unpadded_answer_positions(index).cpu()
 

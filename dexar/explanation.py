@@ -103,15 +103,25 @@ class Explanation:
             "geometry": self.geometry.to_dict() if self.geometry is not None else None,
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``sequence.png`` (overlay), ``tokens.png`` (per-token strip), ``explanation.json``."""
+    def save(self, directory: str | Path, html: bool = False, prompt: str | None = None) -> Path:
+        """Write ``sequence.png`` (overlay), ``tokens.png`` (per-token strip), ``explanation.json``.
+
+        With ``html``, also ``explanation.html``: the answer's words over the image, one map per word on
+        hover, in one self-contained page (:mod:`dexar.explorer`; ``prompt`` is shown above the answer).
+        """
         from dexar.plotting import overlay, token_strip
 
         directory = Path(directory)
+        if html and self.image is None:
+            raise ValueError(f"explanation of {self.sample_id!r}: html=True needs the image (explained without it)")
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "explanation.json").write_text(json.dumps(self.to_dict(), indent=2))
         if self.image is not None:
             placed = self.upsample((self.image.height, self.image.width))  # maps on the pixels the model saw
             overlay(self.image, placed.sequence_map, caption=self.answer).save(directory / "sequence.png")
             token_strip(self.image, placed.token_maps, self.tokens, self.token_weights).save(directory / "tokens.png")
+        if html:
+            from dexar.explorer import payload_from_explanations, write_explanation_html
+
+            write_explanation_html(payload_from_explanations([self], prompt=prompt), directory / "explanation.html")
         return directory

@@ -80,6 +80,9 @@ class PredictOutput:
         return not self.sample_ids and not self.failures and not self.unreadable
 
 
+EVALUATION_FAILED = "evaluation failed"
+"""Prefix of the miss a metric records for a sample whose evaluation raised (see ``ExplainerModule._evaluate``)."""
+
 NOT_FINGERPRINTED = ("time_alone_batches",)
 """Settings the results do not depend on: a resumed run may change them."""
 
@@ -92,6 +95,10 @@ class ExplainerModule(L.LightningModule):
     A method the model's architecture does not define (e.g. rollout on Florence-2's cross-attention)
     is dropped for that model at setup with one warning; ``results.json`` gives each of its metrics as
     ``{"value": null, "count": 0, "n/a": <reason>}`` and ``dexar report`` writes ``n/a`` in its cells.
+
+    A batch that runs out of memory is halved until it fits (:meth:`_explain_batch`); a sample whose
+    evaluation raises for a method is counted (``evaluation_failed_samples`` in ``results.json``) and
+    adds nothing to that method's metrics (:meth:`_evaluate`).
 
     A run in which nothing was evaluated (no sample explained, or no metric received a valid sample)
     prints, per metric, why its count is 0 and raises :class:`~dexar.coverage.NothingEvaluatedError`
@@ -172,6 +179,8 @@ class ExplainerModule(L.LightningModule):
         self._alone_batches = 0
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self.nothing_evaluated: str | None = None
+        self.num_evaluation_failed = 0
+        self.evaluation_failures: dict[str, int] = {}
 
     def setup(self, stage: str) -> None:
         """Before predict, stop in one line on an empty dataset or more processes than samples.
@@ -270,35 +279,71 @@ class ExplainerModule(L.LightningModule):
     def _evaluate(self, batch: list[Sample], output: PredictOutput) -> None:
         """Evaluate each explained sample into fresh metric copies and keep the states as its contribution.
 
-        The contributions go to the output (the writer stores them for resume) and to
-        ``self.contributions`` (merged into the metrics at epoch end). Per-method seconds are added to
-        ``output.timing`` (``evaluation/<label>``).
+        The batch's perturbed images of every method and sample are scored together first
+        (:meth:`dexar.evaluation.Evaluator.score`); their seconds are shared among the methods by their
+        number of samples scored. A (sample, method) whose evaluation raises (a NaN map, an empty
+        answer, a failing metric) contributes nothing to that method's metrics; each of its metrics
+        records ``evaluation failed: <error>`` as the sample's miss (kept in the shards, so a resumed
+        run counts it too) and the run reports it (:data:`EVALUATION_FAILED`). The contributions go
+        to the output (the writer stores them for resume) and to ``self.contributions`` (merged into
+        the metrics at epoch end). Per-method seconds are added to ``output.timing``
+        (``evaluation/<label>``).
         """
         if self.evaluator is None or not self.evaluator.metrics or not output.sample_ids:
             return
         by_id = {s.id: s for s in batch}
+        start = time.perf_counter()
+        scored = self.evaluator.score(batch, output.explanations)
+        pooled = time.perf_counter() - start
+        scored_per_label = Counter(label for label, _ in scored)
         for label, exps in output.explanations.items():
             if label not in self.evaluator.metrics:
                 continue
             start = time.perf_counter()
             for exp in exps:
                 sample = by_id[exp.sample_id]
-                states, rows = self._evaluate_one(label, sample, exp)
-                output.contributions.setdefault(exp.sample_id, {})[label] = states
-                output.rows.setdefault(exp.sample_id, {})[label] = rows
-                misses = {
-                    name: unfed_reason(
-                        self.evaluator.kinds[label][name], sample, self.settings.localization_target, self._dataset
-                    )
-                    for name, ids in rows.items()
-                    if not ids
-                }
+                misses = self._evaluate_sample(label, sample, exp, scored.get((label, exp.sample_id)), output)
                 if misses:
                     output.misses.setdefault(exp.sample_id, {})[label] = misses
-            output.timing[f"evaluation/{label}"] = time.perf_counter() - start
+            share = pooled * scored_per_label[label] / max(1, sum(scored_per_label.values()))
+            output.timing[f"evaluation/{label}"] = time.perf_counter() - start + share
         self.contributions.update(output.contributions)
         self.contribution_rows.update(output.rows)
         self.misses.update(output.misses)
+
+    def _evaluate_sample(
+        self, label: str, sample: Sample, exp: Explanation, curves: Any, output: PredictOutput
+    ) -> dict[str, str]:
+        """Evaluate one (sample, method) into ``output``; returns its misses (metric → why it got no row)."""
+        assert self.evaluator is not None
+        try:
+            states, rows = self._evaluate_one(label, sample, exp, curves)
+        except Exception as err:  # noqa: BLE001 - one sample's evaluation must not end the run
+            why = f"{EVALUATION_FAILED}: {type(err).__name__}: {err}"
+            log.warning(
+                "sample %s: %s evaluation failed (%s: %s); counted, not scored",
+                sample.id,
+                label,
+                type(err).__name__,
+                err,
+            )
+            group = self.evaluator.metrics[label]
+            for metric in group.values():
+                metric.reset()
+            states = {name: metric_states(metric) for name, metric in group.items()}
+            rows = {name: [] for name in group}
+            misses = dict.fromkeys(group, why)
+        else:
+            misses = {
+                name: unfed_reason(
+                    self.evaluator.kinds[label][name], sample, self.settings.localization_target, self._dataset
+                )
+                for name, ids in rows.items()
+                if not ids
+            }
+        output.contributions.setdefault(sample.id, {})[label] = states
+        output.rows.setdefault(sample.id, {})[label] = rows
+        return misses
 
     @property
     def _dataset(self) -> str:
@@ -307,7 +352,7 @@ class ExplainerModule(L.LightningModule):
         return type(datamodule).__name__.removesuffix("DataModule") if datamodule is not None else "the dataset"
 
     def _evaluate_one(
-        self, label: str, sample: Sample, exp: Explanation
+        self, label: str, sample: Sample, exp: Explanation, curves: Any = None
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
         assert self.evaluator is not None
         group = self.evaluator.metrics[label]
@@ -315,7 +360,7 @@ class ExplainerModule(L.LightningModule):
             metric.reset()
         self.evaluator.rows[label] = {name: [] for name in group}
         with torch.inference_mode():
-            self.evaluator.update([sample], {label: [exp]})
+            self.evaluator.update_one(label, sample, exp, curves)
         states = {name: metric_states(metric) for name, metric in group.items()}
         return states, {name: list(ids) for name, ids in self.evaluator.rows[label].items()}
 
@@ -337,21 +382,52 @@ class ExplainerModule(L.LightningModule):
         return rows
 
     def _explain_batch(self, batch: list[Sample], batch_idx: int) -> PredictOutput:
-        """Explain a batch (one by one if it fails: one bad sample must not kill the run), with its timing.
+        """Explain a batch, with its timing; one bad sample or an out-of-memory error must not kill the run.
 
-        Only explained samples are timed; the first ``time_alone_batches`` batches also time each
-        method on its own.
+        Out of memory (``torch.OutOfMemoryError``, and only that) splits the batch in halves, again
+        until it fits (a single sample that does not fit fails), and logs once per batch the sizes it
+        was explained in. Any other error explains the batch's samples one by one (a failing sample is
+        counted in ``failed_samples``). Every explained sample's laps are kept (``timed`` counts them
+        all), and only explained samples are timed; the first ``time_alone_batches`` batches also time
+        each method on its own.
         """
         limit = self.hparams.time_alone_batches
         time_alone = limit < 0 or self._alone_batches < limit
-        try:
-            explanations, laps = self._explain(batch, time_alone)
-            output = PredictOutput(explanations, [s.id for s in batch], timing=laps, timed=len(batch))
-        except Exception as err:
-            log.warning("batch %d failed (%s); explaining its samples one by one", batch_idx, err)
-            output = self._explain_one_by_one(batch, time_alone)
+        sizes: list[int] = []
+        output = self._explain_fitting(batch, time_alone, batch_idx, sizes)
+        if len(sizes) > 1:
+            log.warning(
+                "batch %d: out of memory with %d samples; explained in sub-batches of %s",
+                batch_idx,
+                len(batch),
+                " + ".join(map(str, sizes)),
+            )
         self._alone_batches += bool(output.sample_ids)
         return output
+
+    def _explain_fitting(
+        self, batch: list[Sample], time_alone: bool, batch_idx: int, sizes: list[int]
+    ) -> PredictOutput:
+        """Explain ``batch``, halving it on out-of-memory errors; ``sizes`` gets the sizes that ran."""
+        try:
+            explanations, laps = self._explain(batch, time_alone)
+        except torch.OutOfMemoryError as err:
+            _free_device_cache(self.device)
+            if len(batch) == 1:
+                sizes.append(1)
+                failure = (batch[0].id, f"{type(err).__name__}: {err}")
+                log.warning("sample %s skipped: out of memory on its own", batch[0].id)
+                self.failed.append(failure)
+                return PredictOutput({label: [] for label in self.explainer.methods}, [], failures=[failure])
+            half = (len(batch) + 1) // 2
+            parts = [self._explain_fitting(part, time_alone, batch_idx, sizes) for part in (batch[:half], batch[half:])]
+            return _merge_outputs(parts)
+        except Exception as err:  # noqa: BLE001 - not memory: find the bad sample one by one
+            log.warning("batch %d failed (%s); explaining its samples one by one", batch_idx, err)
+            sizes.append(len(batch))
+            return self._explain_one_by_one(batch, time_alone)
+        sizes.append(len(batch))
+        return PredictOutput(explanations, [s.id for s in batch], timing=laps, timed=len(batch))
 
     def _explain_one_by_one(self, batch: list[Sample], time_alone: bool) -> PredictOutput:
         assert self.explainer is not None
@@ -402,6 +478,9 @@ class ExplainerModule(L.LightningModule):
             gather_objects(count_misses(self.misses[sid] for sid in self.contributions if sid in self.misses)),
             Counter(),
         )
+        eval_failed = sum(gather_objects(_evaluation_failures(self.misses)), Counter())
+        self.num_evaluation_failed = eval_failed.pop(None, 0)
+        self.evaluation_failures = {label: eval_failed[label] for label in self.method_specs if eval_failed[label]}
         reasons = zero_count_reasons(results, misses, self.num_explained, self.num_failed, self.num_unreadable)
         for label, group in reasons.items():
             for name, why in group.items():
@@ -415,7 +494,15 @@ class ExplainerModule(L.LightningModule):
         )
         if self.trainer.is_global_zero:
             report_results(
-                self.trainer, self, self.results, self.num_failed, self.num_unreadable, self.curves, self.not_applicable
+                self.trainer,
+                self,
+                self.results,
+                self.num_failed,
+                self.num_unreadable,
+                self.curves,
+                self.not_applicable,
+                self.num_evaluation_failed,
+                self.evaluation_failures,
             )
             for line in zero_count_lines(reasons):
                 print(line)
@@ -424,6 +511,40 @@ class ExplainerModule(L.LightningModule):
         """Fail a run that evaluated nothing (after every callback logged and wrote what there was)."""
         if self.nothing_evaluated:
             raise NothingEvaluatedError(self.nothing_evaluated)
+
+
+def _merge_outputs(parts: list[PredictOutput]) -> PredictOutput:
+    """One output of sub-batches explained in turn: explanations in order, laps summed, every image timed."""
+    out = PredictOutput({label: [] for label in parts[0].explanations}, [])
+    for part in parts:
+        for label, exps in part.explanations.items():
+            out.explanations[label] += exps
+        out.sample_ids += part.sample_ids
+        out.failures += part.failures
+        for phase, seconds in part.timing.items():
+            out.timing[phase] = out.timing.get(phase, 0.0) + seconds
+        out.timed += part.timed
+    return out
+
+
+def _free_device_cache(device: torch.device) -> None:
+    """Return cached blocks to the device after an out-of-memory error (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _evaluation_failures(misses: dict[str, Misses]) -> Counter:
+    """Samples whose evaluation raised: per method label, and in total (key ``None``: distinct samples)."""
+    out: Counter = Counter()
+    for by_label in misses.values():
+        failed = [label for label, by_metric in by_label.items() if _evaluation_failed(by_metric)]
+        out.update(failed)
+        out[None] += bool(failed)
+    return out
+
+
+def _evaluation_failed(by_metric: dict[str, str]) -> bool:
+    return any(str(why).startswith(EVALUATION_FAILED) for why in by_metric.values())
 
 
 def _nothing_evaluated(
@@ -478,11 +599,15 @@ def report_results(
     num_unreadable: int = 0,
     curves: dict | None = None,
     not_applicable: dict[str, str] | None = None,
+    num_evaluation_failed: int = 0,
+    evaluation_failures: dict[str, int] | None = None,
 ) -> None:
     """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table.
 
     ``failed_samples`` counts samples whose explanation raised; ``unreadable_samples`` those whose
-    files could not be decoded (dropped by the datamodule's collate), both summed over ranks.
+    files could not be decoded (dropped by the datamodule's collate); ``evaluation_failed_samples``
+    those whose evaluation raised for some method (``evaluation_failures``: per method), all summed
+    over ranks.
     ``results.json`` is strict JSON: a value with no valid sample (NaN) is ``null``, beside its
     ``count``, ``skipped`` and ``reason``; ``not_applicable`` lists the methods the model cannot run.
     ``results.csv`` writes ``n/a`` for those and keeps the reason in ``note``.
@@ -511,6 +636,8 @@ def report_results(
         "model": model,
         "failed_samples": num_failed,
         "unreadable_samples": num_unreadable,
+        "evaluation_failed_samples": num_evaluation_failed,
+        "evaluation_failures": evaluation_failures or {},
         "not_applicable": not_applicable or {},
         "results": results,
         "curves": curves or {},
@@ -525,14 +652,20 @@ def report_results(
     numeric = [r for r in rows if isinstance(r["value"], float)]
     if trainer.logger is not None and rows:
         trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in numeric})
-        trainer.logger.log_metrics({"failed_samples": float(num_failed), "unreadable_samples": float(num_unreadable)})
+        counts = {"failed_samples": num_failed, "unreadable_samples": num_unreadable}
+        counts["evaluation_failed_samples"] = num_evaluation_failed
+        trainer.logger.log_metrics({k: float(v) for k, v in counts.items()})
     if rows:
         width = max(len(r["method"]) for r in rows) + 2
         print(f"{'method':<{width}}{'metric':<24}{'value':>10}{'count':>8}{'skipped':>9}")
         for r in rows:
             value = f"{r['value']:>10.4f}" if isinstance(r["value"], float) else f"{r['value']:>10}"
             print(f"{r['method']:<{width}}{r['metric']:<24}{value}{r['count']:>8}{r['skipped']:>9}")
+    evaluation = ""
+    if num_evaluation_failed:
+        per_method = ", ".join(f"{label}: {n}" for label, n in (evaluation_failures or {}).items())
+        evaluation = f", {num_evaluation_failed} failed evaluation ({per_method})"
     print(
         f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} "
-        f"({num_failed} samples failed, {num_unreadable} unreadable)"
+        f"({num_failed} samples failed, {num_unreadable} unreadable{evaluation})"
     )

@@ -293,23 +293,36 @@ def answer_perplexity(
         raise ValueError("the answer must hold at least one token to have a perplexity")
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be positive or None, got {max_batch}")
-    model = adapter.model
-    param = next(model.parameters())
-    targets = torch.tensor(list(answer_ids), device=param.device)
     out = []
     with torch.inference_mode():
         for chunk in pixel_values.split(max_batch or pixel_values.shape[0]):
             b = chunk.shape[0]
-            batch = adapter.build_batch([list(prompt_ids)] * b, [list(answer_ids)] * b, {"pixel_values": chunk})
-            inputs = {
-                k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
-                for k, v in batch.inputs.items()
-            }
-            logits = _answer_logits(model, inputs, len(answer_ids))
-            logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-            token_logp = logp.gather(-1, targets.expand(b, -1)[..., None])[..., 0]
-            out.append(torch.exp(-token_logp.double().mean(-1)).cpu())
+            out.append(rows_perplexity(adapter, [list(prompt_ids)] * b, [list(answer_ids)] * b, chunk))
     return torch.cat(out)
+
+
+def rows_perplexity(
+    adapter: VLMAdapter, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], images: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)`` float64 CPU perplexities of one forward: row ``b`` scores ``answers[b]`` after ``prompts[b]``.
+
+    Every row's prompt and answer must have the lengths of row 0's (no padding: a row is computed as
+    if it were alone, whatever the family's padding side).
+    """
+    if len({(len(p), len(a)) for p, a in zip(prompts, answers, strict=True)}) != 1:
+        raise ValueError("rows scored in one forward need prompts and answers of equal lengths")
+    model = adapter.model
+    param = next(model.parameters())
+    targets = torch.tensor([list(a) for a in answers], device=param.device)
+    batch = adapter.build_batch([list(p) for p in prompts], [list(a) for a in answers], {"pixel_values": images})
+    inputs = {
+        k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+        for k, v in batch.inputs.items()
+    }
+    logits = _answer_logits(model, inputs, targets.shape[1])
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    token_logp = logp.gather(-1, targets[..., None])[..., 0]
+    return torch.exp(-token_logp.double().mean(-1)).cpu()
 
 
 # -- WebP sizes (PIC) ---------------------------------------------------------------------------------

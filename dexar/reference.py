@@ -2,6 +2,14 @@
 
 The naive DEX-AR gradient: a full eager forward (no detaching, full attention tensors), then one
 ``autograd.grad`` call per layer and answer token of ``y_t^l`` w.r.t. the whole ``A^l``.
+
+Independent of the tracer under test: the attention is the textbook ``softmax(QKᵀ·s + M) V`` and the
+mask ``M`` is the one transformers itself builds for eager attention (``eager_mask``: causal, padding,
+PaliGemma's bidirectional prefix), added as it is: no masking logic of its own, none of
+:mod:`dexar.trace.attention`'s. It is not the model's own eager attention function: the decoders'
+(Llama, Qwen2, Gemma) compute the softmax in float32, so in a float64 model their gradients are ~1e-7
+(relative) off the exact ones, too coarse for the ≤ 1e-10 checks (the textbook form agrees with the tracer to
+~1e-16). The one helper shared with the tracer switches ``config._attn_implementation`` and restores it.
 """
 
 from __future__ import annotations
@@ -13,13 +21,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from dexar.adapters.base import TeacherForcedBatch, VLMAdapter
-from dexar.tracing import _attn_implementation
+from dexar.trace.instrument import attn_implementation
 
 REFERENCE_NAME = "dexar_reference_eager"
 
 
 def reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Textbook attention in the input dtype (no float32 softmax), returning the probabilities used."""
+    """Textbook attention in the input dtype (no float32 softmax), the eager mask added; returns the probabilities."""
     groups = getattr(module, "num_key_value_groups", 1)
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
@@ -60,7 +68,7 @@ def naive_layer_grads(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
     for param, _ in flags:
         param.requires_grad_(True)  # nothing detached, nothing frozen: the textbook graph
     try:
-        with _attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
+        with attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
             out = adapter.model.model(**inputs, output_attentions=True, use_cache=False)
             attentions = out.attentions
             grads = torch.zeros(
@@ -174,7 +182,7 @@ def _textbook_forward(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int
     length = int(batch.answer_lengths[index])
     answer = inputs["input_ids"][0, n - length :]
     positions = torch.arange(n - length - 1, n - 1, device=device)
-    with _attn_implementation(adapter.text_config, REFERENCE_NAME):
+    with attn_implementation(adapter.text_config, REFERENCE_NAME):
         out = model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=False)
     return out, answer, positions
 
@@ -311,7 +319,7 @@ def naive_iia(adapter: VLMAdapter, batch: TeacherForcedBatch, index: int, steps:
             for beta in points:
                 _INJECT[last] = (attn_last * beta).requires_grad_(True)
                 try:
-                    with torch.enable_grad(), _attn_implementation(adapter.text_config, INJECT_NAME):
+                    with torch.enable_grad(), attn_implementation(adapter.text_config, INJECT_NAME):
                         inputs = batch.sample_inputs(index)
                         inputs["pixel_values"] = pixels * alpha
                         inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}

@@ -18,7 +18,9 @@ trace shared by all methods of the run plus its own work). A method the model ca
 ``n/a (<reason>)``.
 
 Outputs: ``report.md`` (all tables), ``<table>.csv`` (same layout, raw keys), and PNGs of the mean
-perturbation curves and an overlay gallery (see :mod:`dexar.report_plots`).
+perturbation curves and an overlay gallery (see :mod:`dexar.report_plots`). Under each table, links to the
+HTML explorer of each of its runs that has one (``<run>/explorer/index.html``, written by predict),
+relative to the report's directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any
 
 from dexar.paper_numbers import PAPER
 from dexar.phase_timing import method_seconds
+from dexar.report_names import display
 
 
 @dataclass(frozen=True)
@@ -121,47 +125,6 @@ TABLES: dict[str, TableSpec] = {
         ),
     )
 }
-
-DISPLAY = {
-    "attention": "Attention",
-    "rollout": "Rollout",
-    "gradcam": "GradCAM",
-    "chefercam": "CheferCAM",
-    "attngrad": "AttnGrad",
-    "integrated_gradients": "Int.Grad",
-    "rise": "RISE",
-    "iia": "IIA",
-    "tam": "TAM",
-    "tam_authors": "TAM (authors' indexing)",
-    "dexar": "DEX-AR",
-    "llava-1.5": "LLaVA-1.5",
-    "bakllava": "BakLLaVA-v1",
-    "paligemma": "PaliGemma",
-    "florence-2": "Florence-2",
-    "shapes": "Shapes",
-    "imagenet": "ImageNet",
-    "vqav2": "VQAv2",
-    "true": "✓",
-    "false": "✗",
-    "on": "✓",
-    "off": "✗",
-}
-
-
-def display(value: str) -> str:
-    """Paper-style name of an attribute value (``dexar_top05`` → ``top-0.05``, ``dexar_max`` → ``max``).
-
-    A ``_nofiller`` suffix (the filler filter off) reads ``(filler ✗)``.
-    """
-    if value in DISPLAY:
-        return DISPLAY[value]
-    if value.endswith("_nofiller"):
-        return f"{display(value.removesuffix('_nofiller'))} (filler ✗)"
-    if value.startswith("dexar_top") and value[9:].isdigit():
-        return f"top-{int(value[9:]) / 100:g}"
-    if value.startswith("dexar_"):
-        return value[6:]
-    return value
 
 
 @dataclass(frozen=True)
@@ -427,6 +390,18 @@ def write_csv(table: Table, path: Path) -> None:
             writer.writerow([*row, *values])
 
 
+def explorer_links(runs: Sequence[Run], out: Path) -> str:
+    """Markdown links to the explorer (``explorer/index.html``) of each run that has one, relative to ``out``."""
+    links = []
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        index = run.path / "explorer" / "index.html"
+        if index.is_file():
+            target = Path(os.path.relpath(index.resolve(), out.resolve())).as_posix()
+            name = run.attrs.get("run") or " · ".join(f"{k}={v}" for k, v in sorted(run.attrs.items())) or run.path.name
+            links.append(f"[{name}]({target.replace(' ', '%20')})")
+    return "Explorers (open in a browser): " + " · ".join(links) if links else ""
+
+
 def report(paths: Sequence[str | Path], out: str | Path, gallery_samples: int = 2) -> str:
     """Build every table with runs under ``paths``; write Markdown, CSVs and PNGs to ``out``; return the Markdown."""
     from dexar.report_plots import draw_curves, draw_gallery
@@ -445,6 +420,9 @@ def report(paths: Sequence[str | Path], out: str | Path, gallery_samples: int = 
         figures = draw_curves(spec, mine, out) + draw_gallery(spec, mine, out, gallery_samples)
         if figures:
             parts.append(" ".join(f"![{p.stem}]({p.name})" for p in figures))
+        links = explorer_links(mine, out)
+        if links:
+            parts.append(links)
     unknown = sorted({str(r.table) for r in runs if r.table not in TABLES and r.table != OTHER_RUNS})
     if unknown:
         parts.append(f"run(s) of unknown table(s) {', '.join(unknown)} were skipped (known: {', '.join(TABLES)}).")

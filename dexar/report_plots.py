@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from dexar.plotting import TRANSPARENT_BELOW, colour_bar, fit, font
+from dexar.report_names import display
 from dexar.resume import natural_key
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ PALETTE = [
 
 
 def _series_label(spec: TableSpec, attrs: dict[str, str], skip: Sequence[str] = ()) -> str:
-    from dexar.report import display
-
     return " ".join(
         f"{k}={attrs[k]}" if k not in ("model", "method") else display(attrs[k])
         for k in spec.rows
@@ -198,8 +197,6 @@ x-axis label, y-axis label); other curve metrics show their names."""
 
 def draw_curves(spec: TableSpec, runs: Sequence[Run], out: Path) -> list[Path]:
     """One chart per curve metric and setting outside the table's rows; one line per row. Returns the files."""
-    from dexar.report import display
-
     figures: dict[tuple[str, str], list[tuple[dict[str, str], tuple[list[float], list[float]]]]] = {}
     for run in runs:
         for label, curves in run.curves.items():

@@ -161,6 +161,9 @@ def random_paligemma(
         model = PaliGemmaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
         _scale_weights(model)
     model = model.to(dtype).eval()
+    for module in model.modules():  # Gemma's embed_scale: built in float32 then cast; a load computes it in dtype
+        if hasattr(module, "scalar_embed_scale"):
+            module.embed_scale.fill_(module.scalar_embed_scale)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -1,18 +1,23 @@
-"""Checks shared by the per-family adapter tests (Qwen2-VL, LLaVA-NeXT, Idefics3): float64 exactness,
-padded batch == one by one, every method finite, ``load_model`` round trip."""
+"""The adapter conformance suite every VLM family runs (:class:`AdapterConformance`, subclassed in each
+``tests/test_adapter_<family>.py``, as transformers' ``ModelTesterMixin``) and its checks: the declared
+contract, the batch layout, float64 exactness, padded batch == one by one, every method finite (the
+refused ones refused in one line), pixel views, ``load_model`` round trip."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import pytest
 import torch
 
-from dexar import load_model, tracing
-from dexar.adapters import get_adapter
+from dexar import load_model
+from dexar.adapters import DexarInputError, get_adapter
+from dexar.adapters.base import ARCHITECTURES, VLMAdapter, method_requirements, need_key
 from dexar.explain import Explainer
 from dexar.methods import METHODS, DexAR, build_method
 from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.schema import Sample
+from dexar.trace import run as run_trace
 
 TOL = 1e-10
 FAST_OPTIONS = {
@@ -25,9 +30,7 @@ FAST_OPTIONS = {
 
 def make_batch(adapter, samples, lengths):
     """Teacher-forced batch of ``samples`` with answers cut to ``lengths`` tokens."""
-    answers = [adapter.tokenize_answer(s.answer)[:n] for s, n in zip(samples, lengths, strict=True)]
-    prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
-    return adapter.build_batch(prompt_ids, answers, image_inputs)
+    return adapter.build_batch(*_encoded(adapter, samples, lengths))
 
 
 def assert_exact(model, processor, samples, lengths) -> float:
@@ -40,7 +43,7 @@ def assert_exact(model, processor, samples, lengths) -> float:
     adapter = get_adapter(model, processor)
     batch = make_batch(adapter, samples, lengths)
     assert (batch.inputs["attention_mask"] == 0).any(), "the batch must be left-padded"
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     out = DexAR()(trace)
     worst = 0.0
     for b in range(len(samples)):
@@ -119,13 +122,13 @@ def assert_batch_equals_alone(model, processor, samples) -> float:
     return worst
 
 
-def assert_methods_run(model, processor, samples, lengths, grid) -> None:
-    """Every registered method on one trace: finite maps of the full-image grid's shape."""
-    methods = {name: build_method(name, **FAST_OPTIONS.get(name, {})) for name in METHODS}
+def assert_methods_run(model, processor, samples, lengths, grid, names=None) -> None:
+    """Every registered method (or those in ``names``) on one trace: finite maps of the full-image grid's shape."""
+    methods = {name: build_method(name, **FAST_OPTIONS.get(name, {})) for name in names or METHODS}
     explainer = Explainer(model, processor, methods)
     adapter = explainer.adapter
     batch = make_batch(adapter, samples, lengths)
-    trace = tracing.run(adapter, batch, explainer.needs)
+    trace = run_trace(adapter, batch, explainer.needs)
     assert trace.grid == grid
     for name, method in methods.items():
         out = method(trace)
@@ -148,7 +151,7 @@ def assert_load_roundtrip(model, processor, path, adapter_cls, sample) -> None:
     for m, p in ((model, processor), (loaded, loaded_processor)):
         adapter = get_adapter(m, p)
         batch = make_batch(adapter, [sample], [3])
-        traces.append((batch, tracing.run(adapter, batch)))
+        traces.append((batch, run_trace(adapter, batch)))
     (b0, t0), (b1, t1) = traces
     assert b0.inputs.keys() == b1.inputs.keys()
     for key, value in b0.inputs.items():
@@ -189,3 +192,135 @@ def image_embeddings(adapter, image):
     finally:
         hook.remove()
     return batch, seen[0][0, batch.inputs["input_ids"][0] == adapter.image_token_id]
+
+
+class AdapterConformance:
+    """The checks every VLM family passes; a family's test module subclasses it (``TestConformance``).
+
+    The subclass provides two fixtures and a few class attributes:
+
+    * ``vlm``: ``(model, processor)``, a tiny float64 model of the family (may be parametrised);
+    * ``family_samples``: three or more samples; ``[0]`` and ``[2]`` give one image-token layout (they
+      are batched together), the others may differ (:meth:`VLMAdapter.grid_key`);
+    * :attr:`adapter_cls`, :attr:`exact_lengths` (answer tokens of ``[0]`` and ``[2]``, different, so the
+      batch is padded), :attr:`methods_lengths` and :attr:`grid` (the full-image map of ``[0]`` and ``[2]``).
+
+    A family overrides a check where its architecture needs another reference (Florence-2's
+    cross-attention) or a stronger assertion (:meth:`check_grid_keys`).
+    """
+
+    adapter_cls: type[VLMAdapter]
+    exact_lengths: tuple[int, int] = (5, 2)
+    methods_lengths: tuple[int, int] = (4, 2)
+    grid: tuple[int, int]
+    distinct_grid_keys: int | None = None
+    """How many image-token layouts ``family_samples`` hold (``None``: not checked)."""
+
+    # -- the declared contract --------------------------------------------------------------------
+    def test_declared_contract(self, vlm):
+        model, processor = vlm
+        adapter = get_adapter(model, processor)
+        cls = type(adapter)
+        assert cls is self.adapter_cls and model.config.model_type in cls.model_types
+        assert not cls.__abstractmethods__ and cls.architecture in ARCHITECTURES
+        assert isinstance(adapter.row_local_layers, bool) and isinstance(cls.pixel_perturbation, bool)
+        assert adapter.cross_attention == (cls.architecture == "cross")
+        assert adapter.num_image_tokens is None or adapter.num_image_tokens > 0
+        assert cls.paper_prompt is None or isinstance(cls.paper_prompt, str)
+        requirements = {name: method_requirements(build_method(name)) for name in METHODS}
+        known = {need_key(need) for needs in requirements.values() for need in needs}
+        assert set(cls.refused_needs) <= known, "refused_needs names a need no method has"
+        refused = {
+            name for name, needs in requirements.items() if {need_key(n) for n in needs} & set(cls.refused_needs)
+        }
+        assert set(cls.refused_methods) == refused and refused < set(METHODS)
+        if cls.pixel_perturbation:
+            adapter.check_pixel_perturbation()
+        else:
+            with pytest.raises(DexarInputError, match=f"not supported for {cls.__name__}"):
+                adapter.check_pixel_perturbation()
+
+    def test_prompt_with_the_image_token_is_refused(self, vlm):
+        adapter = get_adapter(*vlm)
+        token = adapter.tokenizer.convert_ids_to_tokens(adapter.image_token_id)
+        with pytest.raises(DexarInputError) as err:
+            adapter.format_prompt(f"what is {token} here ?")
+        assert "\n" not in str(err.value)
+
+    # -- the batch ---------------------------------------------------------------------------------
+    def test_batch_layout(self, vlm, family_samples):
+        """Answers right-aligned in their slots and found at their positions; image tokens = map columns."""
+        adapter = get_adapter(*vlm)
+        pair = [family_samples[0], family_samples[2]]
+        batch = make_batch(adapter, pair, self.exact_lengths)
+        assert batch.image_grid == self.grid
+        assert batch.answer_lengths.tolist() == list(self.exact_lengths)
+        for b, sample in enumerate(pair):
+            answer = adapter.tokenize_answer(sample.answer)[: self.exact_lengths[b]]
+            slots = batch.answer_ids[b][batch.answer_mask[b]]
+            assert slots.tolist() == answer and batch.answer_mask[b, -len(answer) :].all()
+            assert batch.input_ids[b, batch.answer_positions(b)].tolist() == answer
+            alone = batch.sample_inputs(b)
+            decoder = alone.get("decoder_input_ids", alone["input_ids"])
+            assert decoder[0, batch.unpadded_answer_positions(b)].tolist() == answer
+            image_tokens = int(adapter.image_token_mask(alone["input_ids"]).sum())
+            columns = batch.cell_map.shape[1] if batch.cell_map is not None else self.grid[0] * self.grid[1]
+            assert image_tokens == columns
+        if batch.cell_map is not None:
+            assert batch.cell_map.shape[0] == self.grid[0] * self.grid[1]
+        moved = adapter.build_batch(*_encoded(adapter, pair, self.exact_lengths), device="cpu")
+        assert moved.inputs.keys() == batch.inputs.keys()
+        assert all(torch.equal(value, batch.inputs[key]) for key, value in moved.inputs.items())
+
+    def test_pixel_view_round_trip(self, vlm, family_samples):
+        """``repeat_sample(pixel_view)`` gives the sample back; ``pool_view`` gives one value per image token."""
+        adapter = get_adapter(*vlm)
+        batch = make_batch(adapter, [family_samples[0], family_samples[2]], self.methods_lengths)
+        for b in range(2):
+            view = adapter.pixel_view(batch, b)
+            again = adapter.repeat_sample(batch, b, view[None].expand(2, *view.shape))
+            alone, first = batch.sample_inputs(b), again.sample_inputs(0)
+            assert alone.keys() == first.keys()
+            assert all(torch.equal(value, first[key]) for key, value in alone.items())
+            pooled = adapter.pool_view(batch, torch.ones(2, *view.shape[:-3], *view.shape[-2:], dtype=torch.float64))
+            tokens = batch.cell_map.shape[1] if batch.cell_map is not None else self.grid[0] * self.grid[1]
+            assert pooled.shape == (2, tokens)
+
+    # -- the trace and the methods --------------------------------------------------------------------
+    def test_one_pass_matches_naive_reference(self, vlm, family_samples):
+        assert_exact(*vlm, [family_samples[0], family_samples[2]], list(self.exact_lengths))
+
+    def check_grid_keys(self, adapter, samples):
+        """The samples' layouts (default: their number, :attr:`distinct_grid_keys`)."""
+        if self.distinct_grid_keys is not None:
+            assert len({adapter.grid_key(s.image) for s in samples}) == self.distinct_grid_keys
+
+    def test_padded_batch_equals_one_by_one(self, vlm, family_samples):
+        self.check_grid_keys(get_adapter(*vlm), family_samples)
+        assert_batch_equals_alone(*vlm, family_samples)
+
+    def test_every_method_runs(self, vlm, family_samples):
+        """Every method the family does not refuse runs; every refused one fails in one line, and is skipped."""
+        model, processor = vlm
+        refused = self.adapter_cls.refused_methods
+        names = [name for name in METHODS if name not in refused]
+        assert_methods_run(
+            model, processor, [family_samples[0], family_samples[2]], self.methods_lengths, self.grid, names
+        )
+        for name, reason in refused.items():
+            with pytest.raises(DexarInputError, match=f"^{name} is not supported for ") as err:
+                Explainer(model, processor, {name: build_method(name)})
+            assert "\n" not in str(err.value) and reason in str(err.value)
+        if refused:
+            explainer = Explainer(model, processor, {"dexar": DexAR(), **{n: build_method(n) for n in refused}}, True)
+            assert explainer.skipped == refused and list(explainer.methods) == ["dexar"]
+
+    def test_load_model_round_trip(self, vlm, family_samples, tmp_path):
+        assert_load_roundtrip(*vlm, tmp_path, self.adapter_cls, family_samples[1])
+
+
+def _encoded(adapter, samples, lengths):
+    """``build_batch``'s arguments for ``samples`` with answers cut to ``lengths`` tokens."""
+    answers = [adapter.tokenize_answer(s.answer)[:n] for s, n in zip(samples, lengths, strict=True)]
+    prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
+    return prompt_ids, answers, image_inputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dexar import DexarInputError, load_model, tracing
+from dexar import DexarInputError, load_model
 from dexar.adapters import Florence2Adapter, get_adapter
 from dexar.cli import main as cli_main
 from dexar.explain import Explainer
@@ -25,7 +25,10 @@ from dexar.methods import (
 from dexar.reference import REFERENCE_NAME, naive_dexar
 from dexar.schema import Sample
 from dexar.tiny_models import random_florence2
-from dexar.tracing import _attn_implementation
+from dexar.trace import run as run_trace
+from dexar.trace.instrument import attn_implementation
+from dexar.trace.plan import CROSS_NEEDS
+from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["<DETAILED_CAPTION>", "what is shown in the image ?", "<CAPTION>"]
@@ -73,7 +76,7 @@ def naive_cross_grads(adapter, batch, index):
     for param in adapter.model.parameters():
         param.requires_grad_(True)  # nothing detached, nothing frozen
     try:
-        with _attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
+        with attn_implementation(adapter.text_config, REFERENCE_NAME), torch.enable_grad():
             out = adapter.model(**inputs, output_attentions=True, use_cache=False)
             cross = out.cross_attentions
             decoder = inputs["decoder_input_ids"][0]
@@ -102,9 +105,10 @@ def test_adapter_registered_with_paper_prompt(flo64):
     assert adapter.decoder_prefix == [2, 0]  # </s> <s>, as BART decoders start
 
 
-def test_cross_attention_trace_equals_naive_reference_on_padded_batch(padded):
+def check_cross_attention_trace_equals_naive_reference(padded):
+    """Run by :meth:`TestConformance.test_one_pass_matches_naive_reference` (the suite's exactness check)."""
     adapter, batch = padded
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     out = DexAR()(trace)
     h, w = batch.image_grid
     nonzero = 0
@@ -166,10 +170,12 @@ def test_self_attention_methods_are_refused_in_one_line(flo64, padded, method):
     with pytest.raises(DexarInputError, match=f"^{method.name} is not supported for Florence-2") as err:
         Explainer(*flo64, {method.name: method})
     assert "\n" not in str(err.value)
-    if method.needs != {"extra_forwards"}:
+    if method.needs != {"extra_forwards"}:  # the tracer knows needs, not methods: it names the needs it refuses
         adapter, batch = padded
-        with pytest.raises(DexarInputError, match=method.name):
-            tracing.run(adapter, batch, method.needs)
+        with pytest.raises(DexarInputError, match="not supported for an encoder-decoder's cross-attention") as err:
+            run_trace(adapter, batch, method.needs)
+        refused = sorted(method.needs - CROSS_NEEDS)
+        assert refused and str(refused) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_maps_come_back_in_the_original_image_geometry():
@@ -193,7 +199,7 @@ def test_maps_come_back_in_the_original_image_geometry():
     adapter = get_adapter(model, processor)
     prompt_ids, image_inputs = adapter.encode_prompts([image], ["<DETAILED_CAPTION>"])
     batch = adapter.build_batch(prompt_ids, [adapter.tokenize_answer("a red square")], image_inputs)
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     cells = trace.image_columns(trace.grads)[0].reshape(-1, 4, 4)  # (L·H·T, h, w)
     others = torch.ones(4, 4, dtype=torch.bool)
     others[0, 3] = False
@@ -245,3 +251,28 @@ def test_perturbation_curves_score_the_encoder_prompt(flo64):
     curves = explanation_curves(adapter, exp, modes=("positive",), levels=[0.0, 0.5])
     direct = answer_perplexity(adapter, prompt, exp.token_ids, exp.inputs["pixel_values"])
     assert torch.isclose(curves["positive"].ppl[0], direct.reshape(-1)[0].to(curves["positive"].ppl.dtype), rtol=1e-9)
+
+
+class TestConformance(AdapterConformance):
+    """The suite every family runs; exactness against the cross-attention reference (:func:`naive_cross_grads`)."""
+
+    adapter_cls = Florence2Adapter
+    exact_lengths = (5, 2)
+    methods_lengths = (4, 2)
+    grid = (4, 4)
+    distinct_grid_keys = 1
+
+    @pytest.fixture
+    def vlm(self, flo64):
+        return flo64
+
+    @pytest.fixture
+    def family_samples(self):
+        return [
+            Sample(id=str(i), image=im, prompt=p, answer=a)
+            for i, (im, p, a) in enumerate(zip(_images(), PROMPTS, ANSWERS, strict=True))
+        ]
+
+    def test_one_pass_matches_naive_reference(self, padded):
+        """The decoder's cross-attention ``g_t^l``, rows and logit lens == the textbook eager forward (appendix D)."""
+        check_cross_attention_trace_equals_naive_reference(padded)

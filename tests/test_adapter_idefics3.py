@@ -12,15 +12,7 @@ from PIL import Image
 from dexar.adapters import get_adapter
 from dexar.adapters.idefics3 import Idefics3Adapter
 from dexar.testing_vlms import random_idefics3
-from tests.adapter_checks import (
-    assert_batch_equals_alone,
-    assert_exact,
-    assert_load_roundtrip,
-    assert_methods_run,
-    image_embeddings,
-    local_vision,
-    make_batch,
-)
+from tests.adapter_checks import AdapterConformance, image_embeddings, local_vision, make_batch
 
 # PIL sizes (width, height), resized to a longest edge of 64 px then cut into 32-px tiles:
 # 64×40 → 2×2 tiles (8×8 map); 64×16 → 1×2 tiles (4×8 map)
@@ -35,18 +27,6 @@ def idefics(request):
 @pytest.fixture(scope="module")
 def tiled_samples(samples):
     return [replace(s, image=s.image.resize(size)) for s, size in zip(samples[: len(SIZES)], SIZES, strict=True)]
-
-
-def test_one_pass_matches_naive_reference(idefics, tiled_samples):
-    model, processor = idefics
-    assert_exact(model, processor, [tiled_samples[0], tiled_samples[2]], [5, 2])
-
-
-def test_padded_batch_with_mixed_tilings_equals_one_by_one(idefics, tiled_samples):
-    model, processor = idefics
-    adapter = get_adapter(model, processor)
-    assert [adapter.grid_key(s.image) for s in tiled_samples] == [(2, 2), (1, 2), (2, 2)]
-    assert_batch_equals_alone(model, processor, tiled_samples)
 
 
 def test_prompt_matches_the_processor(idefics, tiled_samples):
@@ -93,11 +73,21 @@ def test_marked_region_lands_in_its_cell(idefics):
     assert divmod(int((batch.cell_map[:, :tile_tokens] @ change[:tile_tokens]).argmax()), 8) == (5, 2)
 
 
-def test_every_method_runs(idefics, tiled_samples):
-    model, processor = idefics
-    assert_methods_run(model, processor, [tiled_samples[0], tiled_samples[2]], [3, 2], (8, 8))
+class TestConformance(AdapterConformance):
+    """The suite every family runs; samples 0 and 2 are 2×2 tiles (8×8 map), sample 1 is 1×2 tiles."""
 
+    adapter_cls = Idefics3Adapter
+    exact_lengths = (5, 2)
+    methods_lengths = (3, 2)
+    grid = (8, 8)
 
-def test_load_model_round_trip(idefics, tiled_samples, tmp_path):
-    model, processor = idefics
-    assert_load_roundtrip(model, processor, tmp_path, Idefics3Adapter, tiled_samples[1])
+    @pytest.fixture
+    def vlm(self, idefics):
+        return idefics
+
+    @pytest.fixture
+    def family_samples(self, tiled_samples):
+        return tiled_samples
+
+    def check_grid_keys(self, adapter, samples):
+        assert [adapter.grid_key(s.image) for s in samples] == [(2, 2), (1, 2), (2, 2)]

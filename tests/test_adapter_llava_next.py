@@ -12,15 +12,7 @@ from PIL import Image
 from dexar.adapters import get_adapter
 from dexar.adapters.llava_next import LlavaNextAdapter
 from dexar.testing_vlms import random_llava_next
-from tests.adapter_checks import (
-    assert_batch_equals_alone,
-    assert_exact,
-    assert_load_roundtrip,
-    assert_methods_run,
-    image_embeddings,
-    local_vision,
-    make_batch,
-)
+from tests.adapter_checks import AdapterConformance, image_embeddings, local_vision, make_batch
 
 # PIL sizes (width, height): 64×40 → 2×2 tiles, padded top and bottom (6×8 map); 40×64 → 8×6 map
 SIZES = [(64, 40), (40, 64), (64, 40)]
@@ -34,18 +26,6 @@ def llava_next():
 @pytest.fixture(scope="module")
 def next_samples(samples):
     return [replace(s, image=s.image.resize(size)) for s, size in zip(samples[: len(SIZES)], SIZES, strict=True)]
-
-
-def test_one_pass_matches_naive_reference(llava_next, next_samples):
-    model, processor = llava_next
-    assert_exact(model, processor, [next_samples[0], next_samples[2]], [6, 2])
-
-
-def test_padded_batch_with_mixed_layouts_equals_one_by_one(llava_next, next_samples):
-    model, processor = llava_next
-    adapter = get_adapter(model, processor)
-    assert len({adapter.grid_key(s.image) for s in next_samples}) == 2
-    assert_batch_equals_alone(model, processor, next_samples)
 
 
 def test_cell_map_columns(llava_next, next_samples):
@@ -97,11 +77,19 @@ def test_marked_region_lands_in_its_cell(llava_next, size, box, cell):
     assert divmod(int(tiles_only.argmax()), batch.image_grid[1]) == cell
 
 
-def test_every_method_runs(llava_next, next_samples):
-    model, processor = llava_next
-    assert_methods_run(model, processor, [next_samples[0], next_samples[2]], [4, 2], (6, 8))
+class TestConformance(AdapterConformance):
+    """The suite every family runs; samples 0 and 2 share a layout (6×8 map), sample 1 has another (8×6)."""
 
+    adapter_cls = LlavaNextAdapter
+    exact_lengths = (6, 2)
+    methods_lengths = (4, 2)
+    grid = (6, 8)
+    distinct_grid_keys = 2
 
-def test_load_model_round_trip(llava_next, next_samples, tmp_path):
-    model, processor = llava_next
-    assert_load_roundtrip(model, processor, tmp_path, LlavaNextAdapter, next_samples[1])
+    @pytest.fixture
+    def vlm(self, llava_next):
+        return llava_next
+
+    @pytest.fixture
+    def family_samples(self, next_samples):
+        return next_samples

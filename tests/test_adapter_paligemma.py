@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dexar import DexarInputError, load_model, tracing
+from dexar import DexarInputError, load_model
 from dexar.adapters import PaliGemmaAdapter, get_adapter
 from dexar.cli import main as cli_main
 from dexar.explain import Explainer
@@ -27,6 +27,9 @@ from dexar.methods import (
 from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.schema import Sample
 from dexar.tiny_models import random_paligemma
+from dexar.trace import instrument
+from dexar.trace import run as run_trace
+from tests.adapter_checks import AdapterConformance
 
 COLORS = [(200, 30, 30), (30, 180, 60), (40, 60, 210)]
 PROMPTS = ["Cap.", "what is shown in the image ?", "Cap."]
@@ -93,7 +96,7 @@ def test_gemma2_text_models_are_refused_in_one_line(pali64):
 
 def test_one_pass_equals_naive_reference_on_padded_batch(padded):
     adapter, batch = padded
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     out = DexAR()(trace)
     nonzero = 0
     for b in range(3):
@@ -115,7 +118,7 @@ def test_one_pass_equals_naive_reference_on_padded_batch(padded):
 
 def test_prefix_is_bidirectional_answer_causal_and_text_columns(padded):
     adapter, batch = padded
-    trace = tracing.run(adapter, batch, {"attention_rows", "layer_grads", "full_attention"})
+    trace = run_trace(adapter, batch, {"attention_rows", "layer_grads", "full_attention"})
     for b in range(3):
         ids, image, rows, text = _layout(adapter, batch, b)
         pad = int((batch.inputs["attention_mask"][b] == 0).sum())
@@ -202,7 +205,7 @@ def test_maps_come_back_in_the_original_image_geometry():
     adapter = get_adapter(model, processor)
     prompt_ids, image_inputs = adapter.encode_prompts([image], ["Cap."])
     batch = adapter.build_batch(prompt_ids, [adapter.tokenize_answer("a red square")], image_inputs)
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     cells = trace.image_columns(trace.grads)[0].reshape(-1, 4, 4)  # (L·H·T, h, w)
     others = torch.ones(4, 4, dtype=torch.bool)
     others[0, 3] = False
@@ -243,12 +246,37 @@ def test_answer_rows_rerun_equals_full_graph(padded, monkeypatch):
     adapter, batch = padded
     assert adapter.row_local_layers
     calls = []
-    rerun = tracing._rerun_answer_rows
-    monkeypatch.setattr(tracing, "_rerun_answer_rows", lambda *a, **k: calls.append(a[1]) or rerun(*a, **k))
-    rows = tracing.run(adapter, batch)
+    rerun = instrument.rerun_answer_rows
+    monkeypatch.setattr(instrument, "rerun_answer_rows", lambda *a, **k: calls.append(a[1]) or rerun(*a, **k))
+    rows = run_trace(adapter, batch)
     assert calls == list(range(len(adapter.decoder_layers)))
     monkeypatch.setattr(type(adapter), "row_local_layers", False)
-    full = tracing.run(adapter, batch)
+    full = run_trace(adapter, batch)
     assert rows.grads.abs().max() > 1e-3
     assert (rows.grads - full.grads).abs().max() <= 1e-12
     assert (rows.logit_lens - full.logit_lens).abs().max() <= 1e-12
+
+
+class TestConformance(AdapterConformance):
+    """The suite every family runs, on the padded prefix-LM batch's images (every size → one 4×4 grid)."""
+
+    adapter_cls = PaliGemmaAdapter
+    exact_lengths = (5, 2)
+    methods_lengths = (4, 2)
+    grid = (4, 4)
+    distinct_grid_keys = 1
+
+    @pytest.fixture
+    def vlm(self, pali64):
+        return pali64
+
+    @pytest.fixture
+    def family_samples(self):
+        return _samples()
+
+
+def _samples():
+    return [
+        Sample(id=str(i), image=im, prompt=p, answer=a)
+        for i, (im, p, a) in enumerate(zip(_images(), PROMPTS, ANSWERS, strict=True))
+    ]

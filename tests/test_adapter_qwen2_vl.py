@@ -13,13 +13,7 @@ from dexar.adapters import get_adapter
 from dexar.adapters.qwen2_vl import Qwen2VLAdapter
 from dexar.methods.base import finish
 from dexar.testing_vlms import random_qwen2_vl
-from tests.adapter_checks import (
-    assert_batch_equals_alone,
-    assert_exact,
-    assert_load_roundtrip,
-    assert_methods_run,
-    make_batch,
-)
+from tests.adapter_checks import AdapterConformance, make_batch
 
 # 64×64 pixels fit max_side² as they are; 96×64 is shrunk to 64×48 (dynamic resolution, 3×4 tokens)
 SIZES = [(64, 64), (96, 64), (64, 64)]
@@ -36,17 +30,22 @@ def qwen_samples(samples):
     return [replace(s, image=s.image.resize(size)) for s, size in zip(samples[: len(SIZES)], SIZES, strict=True)]
 
 
-def test_one_pass_matches_naive_reference(qwen, qwen_samples):
-    model, processor = qwen
-    same_grid = [qwen_samples[0], qwen_samples[2]]
-    assert_exact(model, processor, same_grid, [5, 2])
+class TestConformance(AdapterConformance):
+    """The suite every family runs; samples 0 and 2 share a 4×4 grid, sample 1 has another (3×4)."""
 
+    adapter_cls = Qwen2VLAdapter
+    exact_lengths = (5, 2)
+    methods_lengths = (4, 2)
+    grid = (4, 4)
+    distinct_grid_keys = 2
 
-def test_padded_batch_with_mixed_grids_equals_one_by_one(qwen, qwen_samples):
-    model, processor = qwen
-    adapter = get_adapter(model, processor)
-    assert len({adapter.grid_key(s.image) for s in qwen_samples}) == 2
-    assert_batch_equals_alone(model, processor, qwen_samples)
+    @pytest.fixture
+    def vlm(self, qwen):
+        return qwen
+
+    @pytest.fixture
+    def family_samples(self, qwen_samples):
+        return qwen_samples
 
 
 def test_mixed_grids_in_one_batch_are_refused(qwen, qwen_samples):
@@ -140,16 +139,6 @@ def test_pixel_view_round_trip(qwen, qwen_samples):
     assert view.shape == (3, 64, 64)
     patches = batch.inputs["pixel_values"][batch.patch_span(1)]
     assert torch.equal(adapter.view_to_patches(view[None]), patches)
-
-
-def test_every_method_runs(qwen, qwen_samples):
-    model, processor = qwen
-    assert_methods_run(model, processor, [qwen_samples[0], qwen_samples[2]], [4, 2], (4, 4))
-
-
-def test_load_model_round_trip(qwen, qwen_samples, tmp_path):
-    model, processor = qwen
-    assert_load_roundtrip(model, processor, tmp_path, Qwen2VLAdapter, qwen_samples[1])
 
 
 def _sample(image):

@@ -10,13 +10,14 @@ import torch
 from transformers import AutoTokenizer
 
 from datamodules.shapes import make_shapes_sample
-from dexar import SHAPES_CHECKPOINT, load_model, tracing
+from dexar import SHAPES_CHECKPOINT, load_model
 from dexar.adapters import get_adapter
 from dexar.generation import generate_answers
 from dexar.methods import DexAR
 from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.shapes_model import IMAGE_SIZE, build_shapes_processor
 from dexar.shapes_tokenizer import train_shapes_tokenizer
+from dexar.trace import run as run_trace
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_one_pass_equals_naive_on_bundled_model(bundled64):
     answers = [adapter.tokenize_answer(s.answer) for s in samples]
     prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
     batch = adapter.build_batch(prompt_ids, answers, image_inputs)
-    trace = tracing.run(adapter, batch)
+    trace = run_trace(adapter, batch)
     out = DexAR()(trace)
     for b in range(2):
         grads, _ = naive_layer_grads(adapter, batch, b)

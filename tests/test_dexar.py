@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dexar import tracing
 from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.methods import HEAD_FILTERS, DexAR
 from dexar.reference import naive_dexar, naive_layer_grads
 from dexar.testing import random_llava
+from dexar.trace import run as run_trace
 
 
 def _trace(model, processor, samples, lengths):
@@ -20,7 +20,7 @@ def _trace(model, processor, samples, lengths):
     answers = [adapter.tokenize_answer(s.answer)[:n] for s, n in zip(samples, lengths, strict=True)]
     prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
     batch = adapter.build_batch(prompt_ids, answers, image_inputs)
-    return adapter, batch, tracing.run(adapter, batch)
+    return adapter, batch, run_trace(adapter, batch)
 
 
 def _columns(batch, adapter, b):

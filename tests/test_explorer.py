@@ -342,6 +342,7 @@ def test_wandb_html_logs_in_an_offline_run_table(tmp_path, monkeypatch):
         run.log({"per_sample": table})
     finally:
         run.finish()
+        wandb.teardown()  # the singleton keeps this test's settings (online mode): later WandbLoggers would log in
     staged = [p.read_text(errors="replace") for p in (tmp_path / "data").rglob("*") if p.is_file()]
     tables = [json.loads(t) for t in staged if t.startswith('{"_type": "table"')]
     assert tables and tables[0]["column_types"]["params"]["type_map"]["explanation"]["params"]["allowed_types"][0] == {

@@ -456,3 +456,147 @@ def test_run_explorer_loads_100_samples_sorts_and_opens_them(browser, big_run, a
     }
     (artifacts / "explorer-load.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
+
+
+# ---------------------------------------------------------------- pages written by dexar itself
+
+REAL_METHODS = ("dexar", "attention", "chefercam")
+
+
+def _reference_payload(sample):
+    """The sample's words and maps computed here, in Python, from one trace of the bundled model."""
+    from dexar import SHAPES_CHECKPOINT, Explainer, build_method, load_model
+
+    model, processor = load_model(SHAPES_CHECKPOINT)
+    explainer = Explainer(model, processor, {name: build_method(name) for name in REAL_METHODS})
+    explanations = {name: exps[0] for name, exps in explainer.explain_samples([sample]).items()}
+    return payload_from_explanations(explanations, image=sample.image)
+
+
+def _check_words_show_their_maps(driver, payload, content: list[int], panels: int = 1) -> None:
+    """Hover each content word: every panel shows that word's map of its method, not a different word's."""
+    for i in content:
+        _hover(driver, _word_elements(driver)[i + 1])
+        assert driver.execute_script("return dexarExplorer.shownMap()")[0]["unit"] == f"w{i}"
+        for panel in range(panels):
+            method = payload.methods[
+                panel if panels > 1 else driver.execute_script("return dexarExplorer.state.method")
+            ]
+            words = method.words
+            others = [words[j].map for j in range(len(words)) if _differs(words[j].map, words[i].map)]
+            _shows(driver, _alpha(driver, panel), words[i].map, others[:3])
+
+
+@pytest.fixture(scope="module")
+def cli_page(tmp_path_factory):
+    """``dexar explain IMAGE --method dexar,attention,chefercam --html`` on a Shapes image (bundled model)."""
+    from datamodules.shapes import make_shapes_sample
+    from dexar.cli import main as cli_main
+
+    sample = make_shapes_sample(5, "test")
+    out = tmp_path_factory.mktemp("cli")
+    sample.image.save(out / "shapes-test-5.png")
+    args = ["explain", str(out / "shapes-test-5.png"), "--prompt", sample.prompt, "--answer", sample.answer]
+    assert cli_main([*args, "--method", ",".join(REAL_METHODS), "--html", "--out", str(out)]) == 0
+    return sample, out / "explanation.html"
+
+
+def test_dexar_explain_html_on_the_bundled_model(browser, cli_page, artifacts):
+    from selenium.webdriver.common.by import By
+
+    sample, path = cli_page
+    payload = _reference_payload(sample)
+    _open(browser, path)
+    assert _console_problems(browser) == []
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(u.startswith("data:") for u in urls), urls
+    assert [e.text for e in _word_elements(browser)[1:]] == sample.answer.split()
+    content = [i for i, c in enumerate(sample.word_is_content) if c]
+    tabs = browser.find_elements(By.CSS_SELECTOR, "[role=tab]")
+    assert [t.text for t in tabs] == ["DEX-AR", "Attention", "CheferCAM"]
+    before = _alpha(browser)
+    _check_words_show_their_maps(browser, payload, content)
+    for m in (1, 2):  # switch methods: the same word now shows the other method's map
+        tabs[m].click()
+        assert tabs[m].get_attribute("aria-selected") == "true"
+        _check_words_show_their_maps(browser, payload, content[:1])
+    assert np.abs(_alpha(browser) - before).mean() > 1  # the displayed map changed from the sequence map
+    browser.find_element(By.ID, "dx-side").click()
+    assert [p.get_attribute("data-method") for p in browser.find_elements(By.CSS_SELECTOR, "figure.dx-panel")] == list(
+        REAL_METHODS
+    )
+    _check_words_show_their_maps(browser, payload, content[-1:], panels=3)
+    _screenshot(browser, artifacts / "cli-explanation-side-by-side.png")
+    assert _console_problems(browser) == []
+
+
+@pytest.fixture(scope="module")
+def predict_run(tmp_path_factory):
+    """A real predict of the bundled model: 4 Shapes samples, three methods, EPG per content token."""
+    import lightning as L
+
+    import metrics as M
+    from callbacks import HeatmapWriter
+    from datamodules.shapes import ShapesDataModule
+    from dexar.module import ExplainerModule
+
+    out = tmp_path_factory.mktemp("predict")
+    module = ExplainerModule(
+        methods={name: {} for name in REAL_METHODS},
+        answer_source="ground_truth",
+        metrics={"epg": M.EnergyPointingGame()},
+        localization_target="tokens",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+        callbacks=[HeatmapWriter(num_overlays=4)],
+    )
+    trainer.predict(module, datamodule=ShapesDataModule(num_samples=4, batch_size=2), return_predictions=False)
+    return out / "explorer" / "index.html"
+
+
+def test_run_explorer_of_a_real_predict(browser, predict_run, artifacts):
+    from selenium.webdriver.common.by import By
+
+    from datamodules.shapes import make_shapes_sample
+
+    index = predict_run
+    _open(browser, index, ready="window.dexarRun && dexarRun.timing.firstSampleReadyAt !== null")
+    assert _console_problems(browser) == []
+    data = browser.execute_script("return JSON.parse(document.getElementById('dx-run-data').textContent)")
+    assert [s["id"] for s in data["samples"]] == [f"shapes-test-{i}" for i in range(4)]
+    browser.find_element(By.ID, "dx-worst").click()  # worst DEX-AR EPG first
+    epg = {s["id"]: s["metrics"]["dexar"]["epg"] for s in data["samples"]}
+    worst = min(epg, key=lambda k: (epg[k], k))
+    _wait_for_sample(browser, worst)
+    _screenshot(browser, artifacts / "predict-run-index.png")
+    sample = make_shapes_sample(int(worst.rsplit("-", 1)[1]), "test")
+    payload = _reference_payload(sample)
+    content = [i for i, c in enumerate(sample.word_is_content) if c]
+    browser.switch_to.frame(browser.find_element(By.ID, "dx-frame"))
+    try:
+        assert len(browser.find_elements(By.CSS_SELECTOR, "figure.dx-panel")) == 3
+        filler = browser.execute_script("return dexarExplorer.data.methods[0].words.map(w => w.filler)")
+        assert filler == [not c for c in sample.word_is_content]  # the dataset's labels mark the filler words
+        _check_words_show_their_maps(browser, payload, content, panels=3)
+        browser.find_element(By.ID, "dx-side").click()  # one panel, then switch methods
+        tabs = browser.find_elements(By.CSS_SELECTOR, "[role=tab]")
+        tabs[2].click()
+        assert [p.get_attribute("data-method") for p in browser.find_elements(By.CSS_SELECTOR, "figure.dx-panel")] == [
+            "chefercam"
+        ]
+        _check_words_show_their_maps(browser, payload, content[:1])
+    finally:
+        browser.switch_to.default_content()
+    assert _console_problems(browser) == []
+    pages = sorted((index.parent / "samples").glob("*.html"))
+    sizes = {p.name: p.stat().st_size for p in pages}
+    assert max(sizes.values()) <= SIZE_BUDGET["page_fixed"] + 3 * SIZE_BUDGET["page_per_method"]
+    assert index.stat().st_size <= SIZE_BUDGET["index_fixed"] + len(pages) * SIZE_BUDGET["index_per_sample"]
+    report = {"index_bytes": index.stat().st_size, "sample_page_bytes": sizes}
+    (artifacts / "predict-run-sizes.json").write_text(json.dumps(report, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import lightning as L
@@ -16,7 +17,6 @@ from callbacks.heatmap_writer import SHARD_GLOB
 from datamodules.fixtures import make_imagenet
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.shapes import ShapesDataModule, ShapesDataset
-from dexar import tracing
 from dexar.adapters import DexarInputError
 from dexar.coverage import NothingEvaluatedError
 from dexar.explain import Explainer
@@ -126,8 +126,11 @@ def test_time_alone_traces_each_method_with_its_own_needs(tiny64, samples, monke
     }
     explainer = Explainer(model, processor, methods)
     traced: list[frozenset[str]] = []
-    real_run = tracing.run
-    monkeypatch.setattr(tracing, "run", lambda a, b, needs: traced.append(frozenset(needs)) or real_run(a, b, needs))
+    explain_module = importlib.import_module("dexar.explain")  # `dexar.explain` is also the function
+    real_run = explain_module.run_trace
+    monkeypatch.setattr(
+        explain_module, "run_trace", lambda a, b, needs: traced.append(frozenset(needs)) or real_run(a, b, needs)
+    )
     shared = explainer.explain_samples(samples[:2], "ground_truth")
     assert traced == [explainer.needs] and not any(p.startswith("alone/") for p in explainer.last_timings)
     timed = explainer.explain_samples(samples[:2], "ground_truth", time_alone=True)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter, answer_slots, to_device
+from dexar.adapters.encoding import answer_alone, check_image_tokens, processor_encode
 
 
 @dataclass
@@ -70,8 +71,9 @@ class Florence2Adapter(VLMAdapter):
     it has no place in the grid). Logit lens: ``U[w] · h^l`` of the decoder layer outputs (post-norm
     layers, no final norm).
 
-    Methods refused (:attr:`refused_methods`): those defined on a decoder's self-attention over
-    image and text tokens or on image hidden states in the decoder.
+    Needs refused (:attr:`refused_needs`; the methods refused follow, :attr:`refused_methods`): those
+    defined on a decoder's self-attention over image and text tokens or on image hidden states in the
+    decoder. Each refused need has one user today; its reason says what that method does with it.
 
     Geometry (:attr:`view`): the processor resizes the whole image to 768×768 (no crop); the DaViT
     grid is taken as the even partition of that view (the stem's padded convolutions centre each
@@ -82,13 +84,13 @@ class Florence2Adapter(VLMAdapter):
     model_types = ("florence2",)
     prompt_template = "{prompt}"
     paper_prompt: ClassVar[str] = "<DETAILED_CAPTION>"
-    cross_attention: ClassVar[bool] = True
-    refused_methods: ClassVar[dict[str, str]] = {
-        "rollout": "attention rollout multiplies self-attention matrices over image and text tokens",
-        "chefercam": "CheferCAM propagates relevance through self-attention over image and text tokens",
-        "iia": "IIA integrates and rolls out self-attention over image and text tokens",
-        "gradcam": "GradCAM reads image hidden states in the decoder, which holds none",
-        "tam": "TAM reads image hidden states through the LM head, which the decoder holds none of",
+    architecture: ClassVar[str] = "cross"
+    refused_needs: ClassVar[dict[str, str]] = {
+        "full_attention": "attention rollout multiplies self-attention matrices over image and text tokens",
+        "final_logit_grads": "CheferCAM propagates relevance through self-attention over image and text tokens",
+        "attention_probes": "IIA integrates and rolls out self-attention over image and text tokens",
+        "hidden_grads": "GradCAM reads image hidden states in the decoder, which holds none",
+        "hidden_states": "TAM reads image hidden states through the LM head, which the decoder holds none of",
     }
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
@@ -124,13 +126,8 @@ class Florence2Adapter(VLMAdapter):
         ids = inputs["input_ids"][0]
         return (ids[mask[0].bool()] if mask is not None else ids).tolist()
 
-    def check_method(self, name: str) -> None:
-        """Raise a one-line :class:`DexarInputError` for a method not defined on this architecture."""
-        if name in self.refused_methods:
-            raise DexarInputError(
-                f"{name} is not supported for Florence-2 (encoder-decoder, cross-attention): "
-                f"{self.refused_methods[name]}; use dexar, attention, attngrad, integrated_gradients or rise"
-            )
+    def refusal_message(self, name: str, reason: str, family: str | None = None) -> str:
+        return super().refusal_message(name, reason, family or "Florence-2 (encoder-decoder, cross-attention)")
 
     def format_prompt(self, prompt: str) -> str:
         image_token = getattr(self.processor, "image_token", "<image>")
@@ -146,22 +143,17 @@ class Florence2Adapter(VLMAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        texts = [self.format_prompt(p) for p in prompts]
         try:
-            enc = self.processor(images=self.prepare_images(images), text=texts, padding=True, return_tensors="pt")
+            ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
         except ValueError as err:  # e.g. a task token with extra text
             raise DexarInputError(f"Florence-2 prompt rejected: {err}") from err
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         h, w = self.image_grid({"pixel_values": enc["pixel_values"]})
-        for b, row in enumerate(ids):
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != h * w + 1:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the model makes {h * w + 1}")
+        check_image_tokens(self, ids, [h * w + 1] * len(ids), "the model makes")
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
         """Answer ids as they follow ``<s>`` in the decoder: tokenized on their own, no special tokens."""
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        return answer_alone(self, answer)
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         """The DaViT feature grid: each stage's convolutional embedding applied to the pixel size."""
@@ -193,22 +185,18 @@ class Florence2Adapter(VLMAdapter):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         prefix = self.decoder_prefix
         n = max(len(p) for p in prompt_ids)
-        t_max = max(1, max(len(a) for a in answer_ids))
         m = len(prefix) + max(len(a) for a in answer_ids)
         count = len(prompt_ids)
         input_ids = torch.full((count, n), pad, dtype=torch.long)
         attention_mask = torch.zeros((count, n), dtype=torch.long)
         decoder_ids = torch.full((count, m), pad, dtype=torch.long)
         decoder_mask = torch.zeros((count, m), dtype=torch.long)
-        answers = torch.full((count, t_max), -1, dtype=torch.long)
         for b, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
             input_ids[b, : len(p)] = torch.tensor(p)
             attention_mask[b, : len(p)] = 1
             seq = prefix + list(a)
             decoder_ids[b, : len(seq)] = torch.tensor(seq)
             decoder_mask[b, : len(seq)] = 1
-            if a:
-                answers[b, t_max - len(a) :] = torch.tensor(a)
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -216,10 +204,9 @@ class Florence2Adapter(VLMAdapter):
             "decoder_attention_mask": decoder_mask,
             **image_inputs,
         }
-        if device is not None:
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-        lengths = torch.tensor([len(a) for a in answer_ids], dtype=torch.long)
-        return Seq2SeqBatch(inputs, answers, lengths, self.image_grid(image_inputs), prefix_length=len(prefix))
+        answers, lengths = answer_slots(answer_ids)
+        grid = self.image_grid(image_inputs)
+        return Seq2SeqBatch(to_device(inputs, device), answers, lengths, grid, prefix_length=len(prefix))
 
     def backbone_forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         return self.model.model(**inputs, use_cache=False)

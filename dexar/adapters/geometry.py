@@ -28,7 +28,7 @@ import torch
 from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
 from transformers.image_utils import ChannelDimension, SizeDict, get_image_size_for_max_height_width
 
-from dexar.adapters.base import DexarInputError
+from dexar.adapters.errors import DexarInputError
 
 Box = tuple[float, float, float, float]
 """``(y0, x0, y1, x1)``: a box in original-image pixel coordinates, half-open."""

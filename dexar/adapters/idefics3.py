@@ -19,7 +19,6 @@ tokens). Without splitting the map is the global view's ``m × m`` grid.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens
 from dexar.adapters.geometry import MapGeometry
 from dexar.adapters.tiles import box_cell_map, grid_boxes
 
@@ -151,12 +151,9 @@ class Idefics3Adapter(VLMAdapter):
         ids = []
         for b, prompt in enumerate(prompts):
             text = self.format_prompt(prompt).replace(IMAGE_TOKEN, image_prompt(rows[b], cols[b], seq_len))
-            row = list(self.tokenizer(text)["input_ids"])
-            expected = (rows[b] * cols[b] + 1) * seq_len
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != expected:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the image gives {expected}")
-            ids.append(row)
+            ids.append(list(self.tokenizer(text)["input_ids"]))
+        expected = [(r * c + 1) * seq_len for r, c in zip(rows, cols, strict=True)]
+        check_image_tokens(self, ids, expected, "the image gives")
         image_inputs = {"pixel_values": out["pixel_values"], "image_rows": torch.tensor(rows)}
         image_inputs["image_cols"] = torch.tensor(cols)
         if "pixel_attention_mask" in out:
@@ -164,13 +161,8 @@ class Idefics3Adapter(VLMAdapter):
         return ids, image_inputs
 
     def tokenize_answer(self, answer: str) -> list[int]:
-        """Answer ids as they follow ``Assistant:``: the suffix of tokenize(prompt + " " + answer)."""
-        prompt = self.format_prompt("x")
-        joint = self.tokenizer(prompt + " " + answer.strip(), add_special_tokens=False)["input_ids"]
-        alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if joint[: len(alone)] == alone:
-            return list(joint[len(alone) :])
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        """Answer ids as they follow ``Assistant:`` after a space (:meth:`answer_after_prompt`)."""
+        return answer_after_prompt(self, answer, " ")
 
     def _tiling(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         rows, cols = image_inputs["image_rows"], image_inputs["image_cols"]
@@ -200,18 +192,13 @@ class Idefics3Adapter(VLMAdapter):
         boxes = torch.cat([grid_boxes(big_r, big_c, rows * m, cols * m), global_boxes])
         return box_cell_map(boxes, torch.ones(len(boxes), dtype=torch.bool), (rows * m, cols * m))
 
-    def build_batch(
-        self,
-        prompt_ids: list[list[int]],
-        answer_ids: list[list[int]],
-        image_inputs: dict[str, torch.Tensor],
-        device: torch.device | str | None = None,
-    ) -> TeacherForcedBatch:
-        """Left-padded batch of one tiling, with the cell map that merges its tiles."""
-        rows, cols = self._tiling(image_inputs)
-        batch = super().build_batch(prompt_ids, answer_ids, image_inputs, device=device)
-        inputs = {k: v for k, v in batch.inputs.items() if k not in LAYOUT_KEYS}
-        return dataclasses.replace(batch, inputs=inputs, cell_map=self.cell_map(rows, cols))
+    def batch_inputs(self, inputs: dict[str, torch.Tensor], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The inputs without the tile grid (:data:`LAYOUT_KEYS`), which never reaches the model."""
+        return {k: v for k, v in inputs.items() if k not in LAYOUT_KEYS}
+
+    def batch_cell_map(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cell map that merges the batch's (one) tiling."""
+        return self.cell_map(*self._tiling(image_inputs))
 
     # -- pixel views: the tiles ------------------------------------------------------------------
     def pool_view(self, batch: TeacherForcedBatch, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from dexar.adapters.base import DexarInputError, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens, processor_encode
 
 
 class LlavaAdapter(VLMAdapter):
@@ -48,28 +49,13 @@ class LlavaAdapter(VLMAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        texts = [self.format_prompt(p) for p in prompts]
-        enc = self.processor(images=self.prepare_images(images), text=texts, padding=True, return_tensors="pt")
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-        expected = self.num_image_tokens
-        for b, row in enumerate(ids):
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != expected:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the model expects {expected}")
+        ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [self.num_image_tokens] * len(ids))
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
-        """Answer ids as they follow the prompt: the suffix of tokenize(prompt + " " + answer).
-
-        Tokenizing in context keeps SentencePiece word-boundary markers right; if the prompt's ids are
-        not a prefix of the joint ids, the answer is tokenized on its own.
-        """
-        prompt = self.format_prompt("x")
-        joint = self.tokenizer(prompt + " " + answer.strip(), add_special_tokens=False)["input_ids"]
-        alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if joint[: len(alone)] == alone:
-            return list(joint[len(alone) :])
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        """Answer ids as they follow the prompt after a space (:meth:`answer_after_prompt`)."""
+        return answer_after_prompt(self, answer, " ")
 
     @property
     def num_image_tokens(self) -> int:

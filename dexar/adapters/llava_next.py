@@ -38,6 +38,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch
+from dexar.adapters.encoding import check_image_tokens, processor_encode
 from dexar.adapters.geometry import MapGeometry, resize_output_size, size_dict
 from dexar.adapters.llava import LlavaAdapter
 from dexar.adapters.tiles import box_cell_map, grid_boxes
@@ -230,30 +231,16 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        texts = [self.format_prompt(p) for p in prompts]
-        enc = self.processor(images=self.prepare_images(images), text=texts, padding=True, return_tensors="pt")
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-        for b, (row, size) in enumerate(zip(ids, enc["image_sizes"], strict=True)):
-            found = sum(1 for t in row if t == self.image_token_id)
-            expected = len(self.layout(tuple(size.tolist())).source)
-            if found != expected:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the model expects {expected}")
+        ids, enc = processor_encode(self, images, [self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [len(self.layout(tuple(size.tolist())).source) for size in enc["image_sizes"]])
         return ids, {"pixel_values": enc["pixel_values"], "image_sizes": enc["image_sizes"]}
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         return self._batch_layout(image_inputs["image_sizes"]).grid
 
-    def build_batch(
-        self,
-        prompt_ids: list[list[int]],
-        answer_ids: list[list[int]],
-        image_inputs: dict[str, torch.Tensor],
-        device: torch.device | str | None = None,
-    ) -> TeacherForcedBatch:
-        """The LLaVA batch plus the cell map of its (shared) tile layout."""
-        batch = super().build_batch(prompt_ids, answer_ids, image_inputs, device=device)
-        layout = self._batch_layout(image_inputs["image_sizes"])
-        return dataclasses.replace(batch, cell_map=self.cell_map(layout))
+    def batch_cell_map(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cell map of the batch's (shared) tile layout."""
+        return self.cell_map(self._batch_layout(image_inputs["image_sizes"]))
 
     # -- pixel views: the tiles --------------------------------------------------------------------
     def pixel_view(self, batch: TeacherForcedBatch, index: int) -> torch.Tensor:

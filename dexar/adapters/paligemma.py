@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.base import DexarInputError, VLMAdapter
+from dexar.adapters.encoding import answer_alone, check_image_tokens, processor_encode
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -71,35 +72,21 @@ class PaliGemmaAdapter(VLMAdapter):
     def encode_prompts(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        texts = [self._image_token + self.format_prompt(p) for p in prompts]
-        enc = self.processor(images=self.prepare_images(images), text=texts, padding=True, return_tensors="pt")
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-        expected = self.num_image_tokens
-        for b, row in enumerate(ids):
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != expected:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the model expects {expected}")
+        ids, enc = processor_encode(self, images, [self._image_token + self.format_prompt(p) for p in prompts])
+        check_image_tokens(self, ids, [self.num_image_tokens] * len(ids))
         return ids, {"pixel_values": enc["pixel_values"]}
 
     def tokenize_answer(self, answer: str) -> list[int]:
         r"""Answer ids as the processor encodes a suffix: tokenized on its own, right after the ``\n``."""
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        return answer_alone(self, answer)
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         n = self.num_image_tokens
         side = math.isqrt(n)
         return side, side
 
-    def build_batch(
-        self,
-        prompt_ids: list[list[int]],
-        answer_ids: list[list[int]],
-        image_inputs: dict[str, torch.Tensor],
-        device: torch.device | str | None = None,
-    ) -> TeacherForcedBatch:
-        """The base batch with 1-indexed positions and ``token_type_ids`` (0: prefix and padding, 1: answer)."""
-        batch = super().build_batch(prompt_ids, answer_ids, image_inputs, device=None)
-        inputs = batch.inputs
+    def batch_inputs(self, inputs: dict[str, torch.Tensor], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """1-indexed positions and ``token_type_ids`` (0: prefix and padding, 1: answer)."""
         n = inputs["input_ids"].shape[1]
         token_type = torch.zeros_like(inputs["input_ids"])
         for b, answer in enumerate(answer_ids):
@@ -107,6 +94,4 @@ class PaliGemmaAdapter(VLMAdapter):
                 token_type[b, n - len(answer) :] = 1
         inputs["position_ids"] = inputs["position_ids"] + 1  # PaliGemmaModel's positions start at 1
         inputs["token_type_ids"] = token_type
-        if device is not None:
-            batch.inputs = {k: v.to(device) for k, v in inputs.items()}
-        return batch
+        return inputs

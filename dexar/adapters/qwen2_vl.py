@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dexar.adapters.base import DexarInputError, TeacherForcedBatch, VLMAdapter
+from dexar.adapters.encoding import answer_after_prompt, check_image_tokens
 from dexar.adapters.geometry import MapGeometry
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -61,7 +62,9 @@ class Qwen2VLAdapter(VLMAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     pixel_perturbation = False  # patches/tiles: perturbation would need per-view re-encoding
-    row_local_layers = True  # pre-norm Qwen2 blocks: row-local outside attention (M-RoPE cos/sin are sliced)
+    # pre-norm Qwen2 blocks: row-local outside attention (M-RoPE cos/sin are sliced)
+    row_local_text_models = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen2_vl", "qwen2_5_vl")
+    batch_class = Qwen2VLBatch
     prompt_template = (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -105,23 +108,15 @@ class Qwen2VLAdapter(VLMAdapter):
         image_inputs = self._process(images)
         counts = (image_inputs["image_grid_thw"].prod(-1) // self.merge**2).tolist()
         ids = []
-        for b, (prompt, count) in enumerate(zip(prompts, counts, strict=True)):
+        for prompt, count in zip(prompts, counts, strict=True):
             text = self.format_prompt(prompt).replace(IMAGE_TOKEN, IMAGE_TOKEN * int(count))
-            row = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            found = sum(1 for t in row if t == self.image_token_id)
-            if found != count:
-                raise DexarInputError(f"sample {b}: prompt holds {found} image tokens, the image gives {count}")
-            ids.append(row)
+            ids.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        check_image_tokens(self, ids, counts, "the image gives")
         return ids, image_inputs
 
     def tokenize_answer(self, answer: str) -> list[int]:
-        """Answer ids as they follow the prompt: the suffix of tokenize(prompt + answer), no space in between."""
-        prompt = self.format_prompt("x")
-        joint = self.tokenizer(prompt + answer.strip(), add_special_tokens=False)["input_ids"]
-        alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if joint[: len(alone)] == alone:
-            return list(joint[len(alone) :])
-        return list(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        """Answer ids as they follow the prompt, no space in between (:meth:`answer_after_prompt`)."""
+        return answer_after_prompt(self, answer, "")
 
     def image_grid(self, image_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         grids = image_inputs["image_grid_thw"]
@@ -134,18 +129,11 @@ class Qwen2VLAdapter(VLMAdapter):
             raise DexarInputError(f"expected a still image (temporal grid 1), got t={t}")
         return h // self.merge, w // self.merge
 
-    def build_batch(
-        self,
-        prompt_ids: list[list[int]],
-        answer_ids: list[list[int]],
-        image_inputs: dict[str, torch.Tensor],
-        device: torch.device | str | None = None,
-    ) -> TeacherForcedBatch:
-        """Left-padded batch without ``position_ids`` (the model computes M-RoPE) and with ``mm_token_type_ids``."""
-        base = super().build_batch(prompt_ids, answer_ids, image_inputs, device=device)
-        inputs = {k: v for k, v in base.inputs.items() if k != "position_ids"}
+    def batch_inputs(self, inputs: dict[str, torch.Tensor], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """No ``position_ids`` (the model computes M-RoPE) and ``mm_token_type_ids`` (1 at image tokens)."""
+        inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).to(torch.int32)
-        return Qwen2VLBatch(inputs, base.answer_ids, base.answer_lengths, base.image_grid)
+        return inputs
 
     # -- pixel views: the resized image behind the flattened patches ----------------------------
     def _patch_shape(self) -> tuple[int, int]:

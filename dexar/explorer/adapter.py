@@ -9,8 +9,17 @@ tokens into whitespace-separated words itself and aggregates each word's pieces:
 * a word is empty (no visual evidence) when all its pieces are.
 
 Explanations are read by attribute (``tokens``, ``token_maps``, ``token_weights``, ``token_empty``,
-``sequence_map``, ``sequence_empty``, ``options``, ``answer``, ``image``, ``sample_id``), so this works on
-any object with those fields, wherever its class lives.
+``sequence_map``, ``sequence_empty``, ``options``, ``answer``, ``image``, ``sample_id``, ``geometry``), so
+this works on any object with those fields, wherever its class lives.
+
+Where the maps lie (:func:`placement`): an explanation's ``geometry``
+(:class:`~dexar.adapters.geometry.MapGeometry`, ``box = (y0, x0, y1, x1)`` in original pixels) becomes the
+page's ``grid_box = (x0, y0, x1, y1)`` when the box lies inside the image and is all seen (a plain resize, a
+center crop): the page stretches the small grid over it, nothing is lost. A box reaching past the image
+(padding: ``LlavaImageProcessor(do_pad=True)``, LLaVA-NeXT's canvas) or with an unseen part cannot be drawn
+as one rectangle on the image, so the maps are placed on the image first (``Explanation.upsample``:
+bilinear over the box, zero where the model saw nothing) at the image's aspect, longer side
+:data:`~dexar.explorer.encode.MAP_MAX_SIDE`, and cover the whole image.
 """
 
 from __future__ import annotations
@@ -22,7 +31,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dexar.explorer.payload import SPACE_MARKERS, ExplanationPayload, MethodView, PieceView, WordView, display_text
+from dexar.explorer.encode import MAP_MAX_SIDE
+from dexar.explorer.payload import (
+    SPACE_MARKERS,
+    ExplanationPayload,
+    MethodView,
+    PieceView,
+    WordView,
+    display_text,
+    image_size,
+)
 
 _SPECIAL = re.compile(r"<[^<>\s]+>|\[[A-Z_]+\]")  # </s>, <|im_end|>, [SEP] — but see _BYTE
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces belong to their word
@@ -55,6 +73,28 @@ def group_pieces(tokens: Sequence[str], answer: str = "") -> list[list[int]]:
         else:
             groups[-1].append(i)
     return groups
+
+
+def filler_flags(
+    tokens: Sequence[str], answer: str, labelled_answer: str | None, word_is_content: Sequence[bool] | None
+) -> list[bool | None] | None:
+    """Per word of :func:`group_pieces`: filler (True) / content (False), from a dataset's per-word labels.
+
+    The labels (``Sample.word_is_content``, one per whitespace word of ``labelled_answer``) apply only when
+    the explained ``answer`` is that answer word for word (a teacher-forced ground truth; a generated
+    answer that happens to match); special tokens (``</s>``) are their own words and get None. Otherwise
+    None: unknown.
+    """
+    if word_is_content is None or labelled_answer is None or answer.split() != labelled_answer.split():
+        return None
+    groups = group_pieces(tokens, answer)
+    plain = [k for k, group in enumerate(groups) if not all(_is_special(tokens[t]) for t in group)]
+    if len(plain) != len(word_is_content):
+        return None
+    flags: list[bool | None] = [None] * len(groups)
+    for k, content in zip(plain, word_is_content, strict=True):
+        flags[k] = not content
+    return flags
 
 
 def _is_special(token: str) -> bool:
@@ -132,12 +172,50 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
     )
 
 
+Box = tuple[float, float, float, float]
+BOX_TOLERANCE = 1e-6
+"""Pixels a grid box may reach past the image and still count as inside (float rounding of the geometry)."""
+
+
+def placement(
+    explanations: Sequence[Any], image_size: tuple[int, int], map_max_side: int = MAP_MAX_SIDE
+) -> tuple[list[Any], Box | None]:
+    """The explanations as the page should draw them and the ``grid_box`` they cover (module docstring).
+
+    Args:
+        explanations: One sample's explanations (they share the first one's ``geometry``).
+        image_size: ``(width, height)`` of the shown image.
+        map_max_side: Longer side of the maps when they must be placed on the image.
+
+    Returns:
+        ``(explanations, grid_box)``: unchanged with the box ``(left, top, right, bottom)`` (``None``: the
+        whole image), or placed on the image (``Explanation.upsample``) with ``None``.
+    """
+    geometry = getattr(explanations[0], "geometry", None) if explanations else None
+    if geometry is None or geometry.placed:
+        return list(explanations), None
+    width, height = image_size
+    if tuple(geometry.image_size) != (height, width):
+        raise ValueError(
+            f"explanation of sample {getattr(explanations[0], 'sample_id', None)!r}: its geometry is for a "
+            f"{geometry.image_size[1]}×{geometry.image_size[0]} image, the image given is {width}×{height}"
+        )
+    y0, x0, y1, x1 = (float(v) for v in geometry.box)
+    inside = -BOX_TOLERANCE <= x0 < x1 <= width + BOX_TOLERANCE and -BOX_TOLERANCE <= y0 < y1 <= height + BOX_TOLERANCE
+    if inside and np.allclose(geometry.seen_region, (y0, x0, y1, x1), atol=BOX_TOLERANCE):
+        box = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+        return list(explanations), None if box == (0.0, 0.0, float(width), float(height)) else box
+    scale = min(1.0, map_max_side / max(width, height))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return [e.upsample(size) for e in explanations], None
+
+
 def payload_from_explanations(
     explanations: Mapping[str, Any] | Sequence[Any],
     image: Image.Image | np.ndarray | None = None,
     prompt: str | None = None,
     filler: Sequence[bool | None] | None = None,
-    grid_box: tuple[float, float, float, float] | None = None,
+    grid_box: Box | None = None,
     title: str | None = None,
 ) -> ExplanationPayload:
     """A payload from explanations of one sample: ``{label: explanation}`` or a list (named by ``.method``).
@@ -147,7 +225,8 @@ def payload_from_explanations(
         image: The explained image; default: the first explanation's ``image``.
         prompt: The prompt shown above the answer.
         filler: Per word of the answer: filler (True), content (False) or unknown (None).
-        grid_box: The region of ``image`` the maps cover (see :class:`ExplanationPayload`).
+        grid_box: The region of ``image`` the maps cover (see :class:`ExplanationPayload`); default:
+            read off the explanations' ``geometry`` (:func:`placement`, which may place the maps).
         title: Page title.
     """
     named = list(explanations.items()) if isinstance(explanations, Mapping) else [(None, e) for e in explanations]
@@ -159,6 +238,9 @@ def payload_from_explanations(
         raise ValueError(
             f"payload_from_explanations: sample {getattr(first, 'sample_id', None)!r} has no image: pass image="
         )
+    if grid_box is None:
+        exps, grid_box = placement([e for _, e in named], image_size(image))
+        named = [(name, exp) for (name, _), exp in zip(named, exps, strict=True)]
     return ExplanationPayload(
         image=image,
         methods=[method_view(exp, name, filler) for name, exp in named],

@@ -147,28 +147,12 @@ def unique_names(ids: list[str]) -> list[str]:
     return out
 
 
-def method_names(run: RunPayload) -> list[str]:
-    """Every method of the run, in first-seen order."""
-    names: list[str] = []
-    for sample in run.samples:
-        names += [m.name for m in sample.payload.methods if m.name not in names]
-    return names
-
-
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def _labels(run: RunPayload) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for sample in run.samples:
-        for m in sample.payload.methods:
-            labels.setdefault(m.name, m.label or m.name)
-    return labels
 
 
 def _metric_label(name: str, specs: Mapping[str, MetricSpec]) -> str:
@@ -243,6 +227,18 @@ def legend_html(methods: list[str], labels: Mapping[str, str]) -> str:
     return f'<ul class="dx-chart-legend" aria-label="Methods">{items}</ul>'
 
 
+def sample_row(payload: ExplanationPayload, page: Path, metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The index's entry of one sample page: id, answer, link, thumbnail, metric values, methods."""
+    return {
+        "id": payload.sample_id or page.stem,
+        "answer": payload.answer,
+        "href": f"samples/{page.name}",
+        "thumb": thumbnail_uri(payload.image),
+        "metrics": {m: {k: _number(v) for k, v in by_metric.items()} for m, by_metric in metrics.items()},
+        "methods": [{"name": m.name, "label": m.label or m.name} for m in payload.methods],
+    }
+
+
 def write_run_explorer(run: RunPayload, run_dir: str | Path, **sizes: int) -> Path:
     """Write ``<run_dir>/explorer/index.html`` and ``explorer/samples/<id>.html``; returns the index.
 
@@ -256,33 +252,42 @@ def write_run_explorer(run: RunPayload, run_dir: str | Path, **sizes: int) -> Pa
     samples_dir.mkdir(parents=True, exist_ok=True)
     ids = [s.payload.sample_id or f"sample-{i}" for i, s in enumerate(run.samples)]
     names = unique_names(ids)
-    methods, labels = method_names(run), _labels(run)
     rows = []
     for sample, sample_id, name in zip(run.samples, ids, names, strict=True):
         page = write_explanation_html(sample.payload, samples_dir / f"{name}.html", side_by_side=True, **sizes)
-        rows.append(
-            {
-                "id": sample_id,
-                "answer": sample.payload.answer,
-                "href": f"samples/{page.name}",
-                "thumb": thumbnail_uri(sample.payload.image),
-                "metrics": {
-                    m: {k: _number(v) for k, v in by_metric.items()} for m, by_metric in sample.metrics.items()
-                },
-            }
-        )
+        rows.append({**sample_row(sample.payload, page, sample.metrics), "id": sample_id})
     for stale in set(samples_dir.glob("*.html")) - {samples_dir / f"{n}.html" for n in names}:
         stale.unlink()
+    return write_run_index(run, rows, out)
+
+
+def write_run_index(run: RunPayload, rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """Write ``out/index.html``: the sample list ``rows`` (:func:`sample_row`) and ``run``'s summary.
+
+    ``run.samples`` is not read (the pages exist already): methods come from the rows, in first-seen
+    order; the metrics, curves, means, title and details from ``run``.
+    """
+    if not rows:
+        raise ValueError("write_run_index: the run has no samples to show")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels: dict[str, str] = {}
+    for row in rows:
+        for m in row.get("methods", []):
+            labels.setdefault(m["name"], m["label"])
+    for method in [*run.curves, *run.means]:  # methods with curves but no sample page
+        labels.setdefault(method, method)
+    methods = list(labels)
     data = {
         "title": run.title,
         "methods": [{"name": m, "label": labels[m]} for m in methods],
         "metrics": [
             {"name": s.name, "label": s.label or s.name, "higher_is_better": s.higher_is_better} for s in run.metrics
         ],
-        "samples": rows,
+        "samples": [{k: v for k, v in row.items() if k != "methods"} for row in rows],
     }
     details = " · ".join(html.escape(f"{k}: {v}") for k, v in run.details.items())
-    counts = f"{len(run.samples)} samples · {len(methods)} method{'s' if len(methods) != 1 else ''}"
+    counts = f"{len(rows)} samples · {len(methods)} method{'s' if len(methods) != 1 else ''}"
     curves = curves_html(run, methods, labels)
     body = fill(
         asset("index-body.html"),

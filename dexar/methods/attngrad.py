@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from dexar.methods.base import MethodOutput, finish
-from dexar.tracing import Trace
+from dexar.trace import Trace
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from dexar.tracing import Trace
+from dexar.trace.record import Trace
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Method(Protocol):
 
     @property
     def needs(self) -> frozenset[str]:
-        """Trace needs (:data:`dexar.tracing.NEEDS`, ``hidden_grads:<layer>``)."""
+        """Trace needs (:data:`dexar.trace.NEEDS`, ``hidden_grads:<layer>``)."""
         ...
 
     def __call__(self, trace: Trace) -> MethodOutput:

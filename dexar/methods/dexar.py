@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from dexar.methods.base import MethodOutput, finish
-from dexar.tracing import Trace
+from dexar.trace import Trace
 
 HEAD_FILTERS = ("max", "avg", "none") + tuple(f"top-{p / 100:g}" for p in (5, *range(10, 100, 10)))
 

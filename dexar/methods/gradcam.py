@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from dexar.methods.base import MethodOutput, finish
-from dexar.tracing import Trace, hidden_grads_need
+from dexar.trace import Trace, hidden_grads_need
 
 
 @dataclass
@@ -24,7 +24,7 @@ class GradCAM:
     ``norm1``). The residual stream entering the last layer would give ≈ 0: it reaches ``p_t`` only
     through that scale-invariant norm. For another ``layer=k``, ``h`` is the residual stream entering
     decoder layer ``k`` (HF's ``hidden_states[k]``; ``k = 0`` is the merged input embeddings). The
-    trace gives the products of all tokens at once (``dexar.tracing._grad_x_hidden``).
+    trace gives the products of all tokens at once (``dexar.trace.backward.grad_x_hidden``).
 
     Args:
         layer: Decoder layer (negative counts from the end); ``-1``: the last layer's normalised input.

@@ -7,9 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from dexar import tracing
 from dexar.methods.base import MethodOutput, finish, rollout_rows
-from dexar.tracing import Trace
+from dexar.trace import Trace, grad_weighted_attention
 
 
 @dataclass
@@ -46,6 +45,9 @@ class IIA:
 
     name: ClassVar[str] = "iia"
     needs: ClassVar[frozenset[str]] = frozenset({"extra_forwards"})
+    probe_needs: ClassVar[frozenset[str]] = frozenset({"attention_probes"})
+    """Its extra forwards inject the last layer's decoder self-attention over image and text tokens
+    (:meth:`dexar.adapters.base.VLMAdapter.check_method` reads it; the tracer never sees it)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -62,7 +64,7 @@ class IIA:
         betas = points.tolist()
         total = None
         for alpha in points:
-            cam = tracing.grad_weighted_attention(adapter, batch, pixels.to(work) * alpha, betas, self.per_token)
+            cam = grad_weighted_attention(adapter, batch, pixels.to(work) * alpha, betas, self.per_token)
             total = cam if total is None else total + cam
         total = total / len(points) ** 2
         return total if self.per_token else total[:, 0]

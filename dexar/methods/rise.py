@@ -9,9 +9,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dexar import tracing
 from dexar.methods.base import MethodOutput, finish
-from dexar.tracing import Trace
+from dexar.trace import Trace, answer_log_probs
 
 
 def rise_masks(count: int, cells: int, keep: float, size: tuple[int, int], seed: int) -> torch.Tensor:
@@ -88,7 +87,7 @@ class Rise:
                 lead = [1] * (x.dim() - 2)
                 scores = torch.cat(
                     [
-                        tracing.answer_log_probs(adapter, batch, x * m.view(len(m), *lead, *x.shape[-2:]), index=b)
+                        answer_log_probs(adapter, batch, x * m.view(len(m), *lead, *x.shape[-2:]), index=b)
                         for m in masks.split(max(1, self.batch_size))
                     ]
                 ).to(work)  # (N, T)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dexar.methods.base import MethodOutput, finish, to_cells
-from dexar.tracing import Trace
+from dexar.trace import Trace
 
 
 def rank_gaussian_filter(maps: torch.Tensor, kernel: int = 3) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""The backwards of a trace: layer-local gradients, and the final logit's gradients batched over tokens.
+
+* :func:`layer_grads`: DEX-AR's ``g_t^l = ∂y_t^l/∂A^l[:, p_t, :]`` for every layer from one backward of
+  ``Σ_{l,t} y_t^l`` (or, when the graph is kept, one layer-local ``autograd.grad`` per graph layer).
+* :func:`batched_grads`: the gradients of every answer token's target at once, one ``is_grads_batched``
+  backward per chunk of tokens (chunks sized by :data:`GRAD_CHUNK_BYTES` / :data:`CPU_GRAD_CHUNK_BYTES`).
+* :func:`grad_attention`: Chefer's ``mean_h ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})`` in the form the methods
+  consume (per-head raw gradients would cost ``H×`` more).
+* :func:`grad_x_hidden`: GradCAM's ``Σ_d ∂y_t^L/∂h_{j,d} · h_{j,d}`` at the image positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from dexar.trace.attention import Recording
+from dexar.trace.plan import Capture, Plan
+
+GRAD_CHUNK_BYTES = 1 << 30
+"""Memory budget of one batched backward's gradients on an accelerator; the answer tokens are chunked to fit it."""
+CPU_GRAD_CHUNK_BYTES = 64 << 20
+"""The same budget on the CPU, where a batched backward is bound by memory traffic: with CheferCAM's
+``(c, B, H, N, N)`` gradients several tokens per backward were slower than one at a time."""
+
+
+def chunk_size(inputs: list[torch.Tensor], requested: int | None) -> int:
+    """Answer tokens per batched backward: ``requested``, or as many as fit the memory budget."""
+    if requested is not None:
+        return max(1, int(requested))
+    per_token = sum(x.numel() * x.element_size() for x in inputs) * 2  # gradients + products
+    budget = CPU_GRAD_CHUNK_BYTES if inputs[0].device.type == "cpu" else GRAD_CHUNK_BYTES
+    return max(1, budget // max(per_token, 1))
+
+
+def batched_grads(
+    target: torch.Tensor, inputs: list[torch.Tensor], chunk: int | None
+) -> Iterator[tuple[int, int, tuple[torch.Tensor | None, ...]]]:
+    """Gradients of every ``target[:, t]`` (summed over the batch) w.r.t. ``inputs``, chunked over ``t``.
+
+    Yields ``(t0, c, grads)`` with each gradient ``(c, *input.shape)``: one ``is_grads_batched``
+    backward per chunk of ``c`` answer slots. Samples do not interact, so slice ``b`` of a gradient
+    is sample ``b``'s own.
+    """
+    b, t = target.shape
+    size = chunk_size(inputs, chunk)
+    for t0 in range(0, t, size):
+        c = min(size, t - t0)
+        go = torch.zeros(c, b, t, dtype=target.dtype, device=target.device)
+        index = torch.arange(c, device=target.device)
+        go[index, :, t0 + index] = 1
+        if c == 1:  # a plain backward: vmap's batching machinery costs more than it saves for a batch of one
+            grads = torch.autograd.grad(
+                target, inputs, go[0], retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            yield t0, c, tuple(g[None] for g in grads)
+            continue
+        grads = torch.autograd.grad(
+            target, inputs, go, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
+        )
+        yield t0, c, grads
+
+
+def grad_attention(
+    target: torch.Tensor, probs: list[torch.Tensor], chunk: int | None, per_token: bool = True
+) -> torch.Tensor:
+    """``mean_h ReLU(∂target_t/∂A^l ⊙ A^l)`` for every slot ``t`` and layer: ``(B, T, L, N, N)``.
+
+    With ``per_token=False`` the target is ``Σ_t target_t`` and the result ``(B, 1, L, N, N)``.
+    """
+    if not per_token:
+        grads = torch.autograd.grad(target.sum(), probs, retain_graph=True, allow_unused=True, materialize_grads=True)
+        return torch.stack([(g * p.detach()).clamp(min=0).mean(1) for g, p in zip(grads, probs, strict=True)], 1)[
+            :, None
+        ]
+    parts = []
+    for _, _, grads in batched_grads(target, probs, chunk):
+        layers = [(g * p.detach()).clamp(min=0).mean(2) for g, p in zip(grads, probs, strict=True)]  # (c, B, N, N)
+        parts.append(torch.stack(layers, dim=2).transpose(0, 1))  # (B, c, L, N, N)
+    return torch.cat(parts, dim=1)
+
+
+def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: slice) -> list[torch.Tensor]:
+    """``g_t^l = ∂y_t^l/∂A^l[:, p_t, :]`` of every layer: ``(B, H, T, N)`` each (zeros where unused).
+
+    Leaf layers (``LEAF_ROWS``, ``RERUN_ROWS``) share one backward of ``Σ_{l,t} y_t^l``: ``y_t^l`` reaches
+    only layer ``l``'s leaf, the inputs being detached. Graph layers get one ``autograd.grad`` each of
+    ``Σ_t y_t^l`` w.r.t. their own ``A^l``, which only visits layer ``l``.
+    """
+    keep = plan.graph_from is not None  # the final-logit backwards share the graph
+    found: dict[int, torch.Tensor | None] = {}
+    local = [i for i, layer in enumerate(plan.layers) if layer.capture in (Capture.LEAF_ROWS, Capture.RERUN_ROWS)]
+    if local:
+        target = sum(lens[i].sum() for i in local)
+        leaves = [record.rows[i] for i in local]
+        found.update(zip(local, torch.autograd.grad(target, leaves, retain_graph=keep, allow_unused=True), strict=True))
+    for i, layer in enumerate(plan.layers):
+        if layer.capture is Capture.GRAPH:
+            (g,) = torch.autograd.grad(lens[i].sum(), record.probs[i], retain_graph=True)
+            found[i] = g[:, :, rows]
+        elif layer.capture is Capture.GRAPH_ROWS:
+            (found[i],) = torch.autograd.grad(lens[i].sum(), record.rows[i], retain_graph=True)
+    out = []
+    for i in range(len(plan.layers)):
+        g = found[i]
+        out.append(g if g is not None else torch.zeros_like(record.answer_rows(i, rows)))
+    return out
+
+
+def grad_x_hidden(
+    final: torch.Tensor,
+    inputs: dict[int, torch.Tensor],
+    record: Recording,
+    layers: tuple[int, ...],
+    image_index: torch.Tensor,
+    num_layers: int,
+    rows: slice,
+    chunk: int | None,
+) -> dict[int, torch.Tensor]:
+    """Gradient × activation of the image hidden states, summed over the hidden dimension.
+
+    Layers ``k`` below the last: ``Σ_d ∂y_t^L/∂h^k_{j,d} · h^k_{j,d}`` of the residual stream entering
+    layer ``k``, from one batched backward per chunk of tokens.
+
+    The last layer reads the image states only through its input norm (the residual and query of an
+    image row never reach ``p_t``), and RMSNorm is scale-invariant, so the same product on its
+    residual input is ≈ 0 by construction. It is taken on the normalised states ``x̂_j`` that its
+    attention reads (the standard GradCAM target of a transformer block, its pre-attention norm).
+    With bias-free key/value projections (the Llama family; rotary is linear too) ``K_j``, ``V_j``
+    are linear in ``x̂_j``, so ``Σ_d ∂y_t/∂x̂_{j,d} x̂_{j,d} = ⟨∂y_t/∂K_j, K_j⟩ + ⟨∂y_t/∂V_j, V_j⟩``
+    exactly. The per-token ``∂y_t/∂(K, V)`` come from ``δ_t = ∂y_t/∂out[p_t]`` (one plain backward:
+    row ``p_t`` of the attention output feeds only ``y_t``) by a batched backward through the
+    attention alone, not the projections and MLP of every row.
+
+    Args:
+        final: ``(B, T)`` the final-layer logits ``y_t^L``.
+        inputs: Layer → ``(B, N, D)`` its input hidden states (in the graph).
+        record: The recording (the last layer's attention output, keys and values).
+        layers: The layers ``k``.
+        image_index: ``(B, V)`` image positions.
+        num_layers: ``L``.
+        rows: The answer rows ``p_t``.
+        chunk: Answer tokens per batched backward.
+
+    Returns:
+        Layer → ``(B, T, V)``.
+
+    """
+    index = image_index[:, None, :]  # (B, 1, V)
+    parts: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
+    last = num_layers - 1
+    direct = [k for k in layers if k != last]
+    if direct:
+        for _, _, grads in batched_grads(final, [inputs[k] for k in direct], chunk):
+            for k, g in zip(direct, grads, strict=True):  # g: (c, B, N, D)
+                product = (g * inputs[k].detach()).sum(-1).transpose(0, 1)  # (B, c, N)
+                parts[k].append(torch.gather(product, 2, index.expand(-1, product.shape[1], -1)))
+    if last in layers:
+        out, key, value = record.outputs[last], record.keys[last], record.values[last]
+        (delta,) = torch.autograd.grad(final.sum(), out, retain_graph=True)  # (B, N, H, D)
+        t = final.shape[1]
+        size = chunk_size([key, value], chunk)
+        for t0 in range(0, t, size):
+            c = min(size, t - t0)
+            seed = torch.zeros(c, *out.shape, dtype=out.dtype, device=out.device)
+            steps = torch.arange(c, device=out.device)
+            at = rows.start + t0 + steps
+            seed[steps, :, at] = delta[:, at].transpose(0, 1)
+            g_key, g_value = torch.autograd.grad(
+                out, [key, value], seed, retain_graph=True, is_grads_batched=True, materialize_grads=True
+            )  # (c, B, H_kv, N, D)
+            product = (g_key * key.detach()).sum((2, 4)) + (g_value * value.detach()).sum((2, 4))  # (c, B, N)
+            parts[last].append(torch.gather(product.transpose(0, 1), 2, index.expand(-1, c, -1)))
+    return {k: torch.cat(parts[k], dim=1) for k in layers}

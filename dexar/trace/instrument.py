@@ -1,0 +1,198 @@
+"""Instrumenting one forward: frozen parameters, the capture attention, layer hooks, the answer-rows re-run.
+
+The hooks apply each layer's :class:`~dexar.trace.plan.LayerPlan` to its input hidden states (detach
+them, start the graph there, or keep it; record them for ``hidden_grads``) and keep the output rows
+``p_t``: the states the logit lens reads. A ``RERUN_ROWS`` layer's output rows come from its answer-rows
+re-run (:func:`rerun_answer_rows`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dexar.trace.attention import CAPTURE_NAME, GIVEN_NAME, AttentionCall, Session, active, attend, given
+from dexar.trace.plan import Capture, Input
+
+if TYPE_CHECKING:
+    from dexar.adapters.base import TeacherForcedBatch, VLMAdapter
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Temporarily turn off ``requires_grad`` on every parameter (restored afterwards)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def attn_implementation(config: Any, name: str) -> Iterator[None]:
+    """Temporarily switch a (text) config's attention implementation."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def traced(adapter: VLMAdapter, session: Session) -> Iterator[None]:
+    """The session active, the capture attention, frozen parameters and grad mode on (:func:`forward` sets its own)."""
+    with active(session), frozen(adapter.model), attn_implementation(adapter.text_config, CAPTURE_NAME):
+        with torch.enable_grad():
+            yield
+
+
+@contextlib.contextmanager
+def given_attention(config: Any, function: Callable[[AttentionCall], torch.Tensor]) -> Iterator[None]:
+    """Every attention under ``config`` returns ``function(call)`` (a layer re-run with given probabilities)."""
+    with given(function), attn_implementation(config, GIVEN_NAME):
+        yield
+
+
+def model_inputs(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, pixel_values: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The batch's model inputs in the model's dtype, optionally with other pixel values."""
+    dtype = next(adapter.model.parameters()).dtype
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(dtype)
+    return inputs
+
+
+@dataclass
+class Forward:
+    """What the layer hooks kept during one instrumented forward (tensors may carry graph).
+
+    Attributes:
+        rows: Per layer, ``(B, T, D)`` its output at the answer rows ``p_t``.
+        inputs: Layer → ``(B, N, D)`` its input hidden states (``LayerPlan.keep_input``).
+        last: ``(B, N, D)`` the last layer's output (``Plan.final_hidden``).
+
+    """
+
+    rows: list[torch.Tensor | None]
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    last: torch.Tensor | None = None
+
+
+def forward(
+    adapter: VLMAdapter, batch: TeacherForcedBatch, session: Session, pixel_values: torch.Tensor | None = None
+) -> Forward:
+    """Run the model once inside :func:`traced`, the layer hooks of ``session``'s plan installed.
+
+    Autograd records the forward only if the plan needs it (:attr:`~dexar.trace.plan.Plan.forward_grad`).
+    """
+    layers = adapter.decoder_layers
+    kept = Forward(rows=[None] * len(layers))
+    handles = layer_hooks(layers, session, adapter.text_config, kept)
+    try:
+        with torch.set_grad_enabled(session.plan.forward_grad):
+            adapter.backbone_forward(model_inputs(adapter, batch, pixel_values))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def layer_hooks(layers: nn.ModuleList, session: Session, config: Any, kept: Forward) -> list:
+    """Hooks applying the plan to each layer's input and keeping its output rows in ``kept``."""
+    plan, rows = session.plan, session.rows
+    last = len(layers) - 1
+
+    def make_pre(index: int):
+        step = plan.layers[index]
+
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if step.input is Input.DETACH:
+                hidden = hidden.detach()
+            elif step.input is Input.LEAF:
+                hidden = hidden.detach().requires_grad_(True)
+            if step.keep_input:
+                kept.inputs[index] = hidden
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return pre_hook
+
+    def make_post(index: int):
+        step = plan.layers[index]
+
+        def post_hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if index == last and plan.final_hidden:
+                kept.last = hidden
+            if step.capture is Capture.RERUN_ROWS:
+                kept.rows[index] = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config)
+            else:
+                kept.rows[index] = hidden[:, rows]
+
+        return post_hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(make_pre(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(make_post(i), with_kwargs=True))
+    return handles
+
+
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A decoder layer's keyword arguments for a re-run that reads and writes no KV cache."""
+    out = {**kwargs, "use_cache": False}
+    for name in ("cache", "past_key_values"):  # transformers 5 renames past_key_values: clear the one passed
+        if name in out:
+            out[name] = None
+    return out
+
+
+def _slice_sequence(value: Any, n: int, rows: slice, dim: int) -> Any:
+    """``value[..., rows, ...]`` along ``dim`` for tensors (or tuples of them) of length ``n`` there."""
+    if isinstance(value, tuple):
+        return tuple(_slice_sequence(v, n, rows, dim) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= -dim and value.shape[dim] == n:
+        return value.narrow(dim % value.dim(), rows.start, rows.stop - rows.start)
+    return value
+
+
+def rerun_answer_rows(
+    layer: nn.Module, index: int, args: tuple, kwargs: dict, n: int, session: Session, config: Any
+) -> torch.Tensor:
+    """Decoder layer ``index`` on its answer rows only, with grad; its attention rows come from the leaf.
+
+    The forward ran without autograd; right after a ``RERUN_ROWS`` layer's full forward, the layer runs
+    again on its (detached) answer rows: its attention returns ``leaf @ V`` (the captured probabilities
+    times the full pass's values), and everything after attention (output projection, residuals,
+    norms, MLP) is row-local, so the rows equal the full pass's rows while the graph holds ``T`` rows
+    instead of ``N``. Memory: ``L·T·(D + MLP width)`` instead of ``L·N·(…)``. The layer's ``forward`` is
+    called directly, so its hooks do not run again.
+    """
+    rows = session.rows
+    hidden = (args[0] if args else kwargs["hidden_states"]).detach()[:, rows]
+    rows_kwargs = without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"})
+    if "position_embeddings" in rows_kwargs:  # (cos, sin): sequence on dim -2 (also M-RoPE's (3, B, N, d))
+        rows_kwargs["position_embeddings"] = _slice_sequence(rows_kwargs["position_embeddings"], n, rows, -2)
+    for key in ("position_ids", "cache_position"):
+        if key in rows_kwargs:
+            rows_kwargs[key] = _slice_sequence(rows_kwargs[key], n, rows, -1)
+    leaf = session.record.rows[index]
+    values = session.record.row_values.pop(index)
+    with given_attention(config, lambda call: attend(call.module, leaf, values, call.query.dtype)):
+        with torch.enable_grad():
+            out = layer.forward(hidden, *args[1:], **rows_kwargs)
+    return out[0] if isinstance(out, tuple) else out
