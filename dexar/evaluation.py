@@ -210,7 +210,7 @@ class Evaluator:
                 self._warn_unseen(label, [group[n] for n in loc], sample.id, masks, ignore, seen)
         fill = [n for n, k in kinds.items() if k == "filler"]
         if fill and sample.word_is_content is not None and sample.answer is not None:
-            labels = self._word_labels(sample, exp)
+            labels = self.word_labels(sample, exp)
             if labels is not None:
                 content = torch.tensor([m is not None for m in labels])
                 mass = exp.word_maps.double().flatten(1).sum(1)  # Σ_pixels of each word's min-max map
@@ -221,7 +221,7 @@ class Evaluator:
         if pert and sample.answer is not None:
             self._perturbation(label, sample, exp, pert, curves)
 
-    def _word_labels(self, sample: Sample, exp: Explanation) -> list[int | None] | None:
+    def word_labels(self, sample: Sample, exp: Explanation) -> list[int | None] | None:
         """Per explained word: ``None`` for a filler word, else the mask index of the content word (-1: none).
 
         ``None`` overall when the explained tokens are not the ground truth's: labels exist for the
@@ -257,7 +257,7 @@ class Evaluator:
             return up, mask, (ignore[None] if ignore is not None else None), seen[None], [sample.id]
         if sample.word_mask_index is None:
             return None, None, None, None, []
-        labels = self._word_labels(sample, exp)
+        labels = self.word_labels(sample, exp)
         picks = [w for w, k in enumerate(labels or []) if k is not None and k >= 0]
         if not picks:
             return None, None, None, None, []

@@ -137,7 +137,8 @@ def segment_words(tokenizer: Any, token_ids: Sequence[int]) -> list[Word]:
 def display_pieces(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
     """Each piece as a person reads it: no ``▁``/``Ġ`` marker; a byte-fallback piece as ``<0xE2>``.
 
-    A piece whose text is only the word-start space shows as ``▁`` (it is not empty and not a word).
+    A piece that is only the word-start space (a lone ``▁``) shows as ``␣``: visible, and not a word
+    (the word view joins it to the next word).
     """
     out = []
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -147,7 +148,7 @@ def display_pieces(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
             out.append(piece)
             continue
         text = tokenizer.decode([int(token_id)]).strip()
-        out.append(text if text and "\ufffd" not in text else piece.lstrip(METASPACE + BYTE_LEVEL_SPACE) or piece)
+        out.append(text if text and "\ufffd" not in text else piece.lstrip(METASPACE + BYTE_LEVEL_SPACE) or "␣")
     return out
 
 

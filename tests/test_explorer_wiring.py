@@ -151,7 +151,7 @@ def test_cli_html_with_several_methods_shares_one_explain_call(tiny_checkpoint, 
     assert cli_main([*args, "--method", "dexar,attention", "--head-filter", "avg"]) == 0, capsys.readouterr().err
     assert calls == [["attention", "dexar"]]  # one call: one trace for both methods
     printed = capsys.readouterr().out
-    assert "dexar tokens:" in printed and "attention tokens:" in printed and "explanation.html" in printed
+    assert "dexar words:" in printed and "attention words:" in printed and "explanation.html" in printed
     data = _page_json((out / "explanation.html").read_text())
     assert [m["name"] for m in data["methods"]] == ["dexar", "attention"] and data["title"] == "scene.png"
     assert data["methods"][0]["options"]["head_filter"] == "avg"  # the option went to the method that takes it
