@@ -98,8 +98,8 @@ class Evaluator:
         metrics: Method label → metric name → metric object.
         settings: :class:`EvaluationSettings`.
         rows: Method label → metric name → ids of the rows each metric received, in update order
-            (one per sample, or ``<id>#<word index>`` per content word with ``target="tokens"``), to align per-sample
-            values with samples.
+            (one per sample, or ``<id>#<word index>`` per content word with ``target="tokens"``), to align
+            per-sample values with samples.
     """
 
     adapter: VLMAdapter
