@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from dexar.adapters import TeacherForcedBatch, get_adapter
 from dexar.generation import generate_answers
 from dexar.schema import Sample
-from dexar.shapes_model import SHAPES_CHECKPOINT, build_shapes_model, build_shapes_processor
+from dexar.shapes_model import SHAPES_CHECKPOINT, build_shapes_model
+from dexar.shapes_tokenizer import build_shapes_processor
 
 
 class ShapesFitModule(L.LightningModule):

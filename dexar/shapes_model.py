@@ -17,7 +17,6 @@ import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -101,36 +100,6 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_specials())
     return fast
-
-
-def build_shapes_processor() -> LlavaProcessor:
-    """The LLaVA processor of the Shapes model: sub-word BPE + ``llava-hf``'s CLIP preprocessing at 64 pixels.
-
-    The image processor is configured as ``llava-hf/llava-1.5-7b-hf``'s (bicubic resize of the shortest
-    edge, center crop, rescale, CLIP mean/std) with 64 in place of 336.
-    """
-    from dexar.shapes_tokenizer import train_shapes_tokenizer  # it imports the Shapes language defined here
-
-    image_processor = CLIPImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": IMAGE_SIZE},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        do_convert_rgb=True,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=train_shapes_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
 
 
 def build_shapes_config(tokenizer: Any) -> LlavaConfig:

@@ -24,13 +24,17 @@ import json
 
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
-from transformers import LlamaTokenizerFast
+from transformers import CLIPImageProcessorPil, LlamaTokenizerFast, LlavaProcessor
 
 from dexar.adapters.llava import LlavaAdapter
 from dexar.shapes_model import (
     CAPTION_PROMPT,
+    CLIP_MEAN,
+    CLIP_STD,
     COLOR_QUESTION,
     COLORS,
+    IMAGE_SIZE,
+    PATCH_SIZE,
     SHAPE_QUESTION,
     SHAPES,
     caption,
@@ -123,6 +127,34 @@ def word_pieces(tokenizer: LlamaTokenizerFast, word: str) -> list[str]:
     to bytes and adds a lone ``▁``).
     """
     return tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False)["input_ids"])
+
+
+def build_shapes_processor() -> LlavaProcessor:
+    """The LLaVA processor of the Shapes model: sub-word BPE + ``llava-hf``'s CLIP preprocessing at 64 pixels.
+
+    The image processor is configured as ``llava-hf/llava-1.5-7b-hf``'s (bicubic resize of the shortest
+    edge, center crop, rescale, CLIP mean/std) with 64 in place of 336.
+    """
+    image_processor = CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=train_shapes_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ from dexar.adapters import get_adapter
 from dexar.generation import generate_answers
 from dexar.methods import DexAR
 from dexar.reference import naive_dexar, naive_layer_grads
-from dexar.shapes_model import IMAGE_SIZE, build_shapes_processor
-from dexar.shapes_tokenizer import train_shapes_tokenizer
+from dexar.shapes_model import IMAGE_SIZE
+from dexar.shapes_tokenizer import build_shapes_processor, train_shapes_tokenizer
 from dexar.trace import run as run_trace
 
 

@@ -126,7 +126,7 @@ def test_shapes_bpe_labels_every_piece_of_a_content_word():
     """The bundled model's sub-word tokenizer: colour and shape words span 1–3 pieces, all content."""
     from dexar.adapters import LlavaAdapter
     from dexar.labels import word_spans
-    from dexar.shapes_model import build_shapes_processor
+    from dexar.shapes_tokenizer import build_shapes_processor
 
     adapter = LlavaAdapter(None, build_shapes_processor())
     tok = adapter.tokenizer

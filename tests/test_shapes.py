@@ -7,7 +7,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from datamodules.shapes import ASPECTS, ShapesDataModule, ShapesStream, make_shapes_sample, view_box, view_mask
-from dexar.shapes_model import COLORS, IMAGE_SIZE, SHAPES, WORDS, build_shapes_processor
+from dexar.shapes_model import COLORS, IMAGE_SIZE, SHAPES, WORDS
+from dexar.shapes_tokenizer import build_shapes_processor
 
 
 @pytest.fixture(scope="module")

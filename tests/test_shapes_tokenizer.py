@@ -16,9 +16,8 @@ from dexar.shapes_model import (
     IMAGE_SIZE,
     SHAPES,
     build_shapes_model,
-    build_shapes_processor,
 )
-from dexar.shapes_tokenizer import train_shapes_tokenizer, word_pieces
+from dexar.shapes_tokenizer import build_shapes_processor, train_shapes_tokenizer, word_pieces
 
 
 @pytest.fixture(scope="module")

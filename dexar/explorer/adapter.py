@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dexar.explorer.encode import MAP_MAX_SIDE
@@ -43,6 +44,7 @@ from dexar.explorer.payload import (
     display_text,
     image_size,
 )
+from dexar.words import Word, word_aggregate
 
 _SPECIAL = re.compile(r"<[^<>\s]+>|\[[A-Z_]+\]")  # </s>, <|im_end|>, [SEP] — but see _BYTE
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces belong to their word
@@ -109,14 +111,11 @@ def _is_special(token: str) -> bool:
 
 
 def word_view(pieces: list[PieceView], maps: np.ndarray, weights: np.ndarray, filler: bool | None) -> WordView:
-    """A word from its pieces: weight = max λ, map = MinMax(Σ λ_i E_i) (plain sum if every λ is 0)."""
-    if len(pieces) == 1:
-        merged = maps[0]
-    else:
-        positive = np.clip(weights, 0.0, None)
-        combined = np.tensordot(positive if positive.sum() > 0 else np.ones_like(positive), maps, axes=1)
-        low, high = combined.min(), combined.max()
-        merged = (combined - low) / (high - low) if high > low else np.zeros_like(combined)
+    """A word from its pieces: weight = max λ, map = MinMax(Σ λ_i E_i) (:func:`dexar.words.word_aggregate`)."""
+    merged = maps[0]
+    if len(pieces) > 1:
+        whole = [Word("", 0, len(pieces))]
+        merged = word_aggregate(torch.from_numpy(maps), torch.from_numpy(weights), whole)[0][0].numpy()
     return WordView(
         pieces=pieces,
         weight=float(weights.max()),
