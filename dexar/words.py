@@ -33,9 +33,13 @@ BYTE_LEVEL_SPACE = "Ġ"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Word:
-    """One word of an answer: its text and the half-open span ``[start, end)`` of its pieces."""
+    """One word of an answer: its text and the half-open span ``[start, end)`` of its pieces.
+
+    Not frozen: Lightning's ``apply_to_collection`` rebuilds every dataclass inside a step's output
+    (an :class:`~dexar.explanation.Explanation` holds its words) and refuses frozen ones.
+    """
 
     text: str
     start: int
