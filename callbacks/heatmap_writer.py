@@ -165,7 +165,8 @@ class HeatmapWriter(BasePredictionWriter):
 
         sample, index = sample_index
         first = next(iter(explanations.values()))
-        filler = filler_flags(first.tokens, first.answer, sample.answer, sample.word_is_content)
+        groups = None if first.words is None else [w.pieces for w in first.words]
+        filler = filler_flags(first.tokens, first.answer, sample.answer, sample.word_is_content, groups)
         payload = payload_from_explanations(explanations, image=sample.image, prompt=sample.prompt, filler=filler)
         metrics = contribution_values(contributions.get(sample.id, {}))
         write_sample_page(payload, self.output_dir / "explorer", index, metrics)

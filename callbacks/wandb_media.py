@@ -19,9 +19,10 @@ class WandbMedia(Callback):
 
     * one ``wandb.Table`` and line plot per method and curve metric (mean curve over valid samples);
     * the overlays ``HeatmapWriter`` wrote for the first samples, captioned with the answer: sequence maps
-      under ``overlays/<method>/sequence``, per-token strips under ``overlays/<method>/tokens`` (each list
-      padded to one size) — read from disk, so every rank's samples are included;
-    * a per-sample table: sample id (or ``id#token``), method, and each metric's value; for the samples
+      under ``overlays/<method>/sequence``, per-word strips under ``overlays/<method>/words``, per-token
+      (piece) strips under ``overlays/<method>/tokens`` (each list padded to one size) and a ``words`` table
+      (one row per word: its pieces and weight) — read from disk, so every rank's samples are included;
+    * a per-sample table: sample id (or ``id#word``), method, and each metric's value; for the samples
       ``HeatmapWriter`` wrote an explorer page for (the overlay samples), the page as ``wandb.Html`` in
       column ``explanation`` of the sample's first row (every method side by side: hover the same words
       in two runs' tables to compare them).
@@ -67,13 +68,19 @@ class WandbMedia(Callback):
             print(f"W&B run saved offline in {Path(run.dir).parent}; upload it with: wandb sync {Path(run.dir).parent}")
 
     def _overlays(self, run_dir: Path, wandb: Any) -> dict[str, Any]:
-        """``overlays/<method>/sequence`` and ``overlays/<method>/tokens``: one image size per list (W&B needs it)."""
+        """``overlays/<method>/{sequence,words,tokens}`` (one image size per list, W&B needs it) and ``words``.
+
+        ``words`` is a table with one row per explained word (sample, method, word, its pieces, word
+        weight = max λ of its pieces; :class:`dexar.Explanation`'s word view), from each overlay's JSON.
+        """
         out: dict[str, Any] = {}
+        word_rows: list[list[Any]] = []
         for method_dir in sorted((run_dir / "overlays").glob("*")):
-            found: dict[str, list[tuple[Image.Image, str]]] = {"sequence": [], "tokens": []}
+            found: dict[str, list[tuple[Image.Image, str]]] = {"sequence": [], "words": [], "tokens": []}
             for sample_dir in sorted(method_dir.iterdir())[: self.max_overlays]:
                 meta = json.loads((sample_dir / "explanation.json").read_text())
                 caption = f"{meta['sample_id']}: {meta['answer']}"
+                word_rows += _word_rows(meta, method_dir.name)
                 for kind, images in found.items():
                     if (sample_dir / f"{kind}.png").is_file():
                         images.append((Image.open(sample_dir / f"{kind}.png").convert("RGB"), caption))
@@ -82,7 +89,18 @@ class WandbMedia(Callback):
                     padded = same_size([image for image, _ in images])
                     logged = [wandb.Image(image, caption=c) for image, (_, c) in zip(padded, images, strict=True)]
                     out[f"overlays/{method_dir.name}/{kind}"] = logged
+        if word_rows:
+            out["words"] = wandb.Table(columns=["sample", "method", "word", "pieces", "weight"], data=word_rows)
         return out
+
+
+def _word_rows(meta: dict[str, Any], method: str) -> list[list[Any]]:
+    """One table row per word of an overlay's ``explanation.json`` (none when it predates the word view)."""
+    words, weights, tokens = meta.get("words") or [], meta.get("word_weights") or [], meta.get("tokens") or []
+    return [
+        [meta.get("sample_id"), method, w["text"], " ".join(tokens[w["start"] : w["end"]]), float(weight)]
+        for w, weight in zip(words, weights, strict=True)
+    ]
 
 
 def _explorer_pages(run_dir: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ from dexar.generation import generate_answers
 from dexar.methods import Method, MethodOutput, build_method
 from dexar.schema import Sample
 from dexar.trace import run as run_trace
+from dexar.words import segment_words
 
 ANSWER_SOURCES = ("ground_truth", "generate")
 
@@ -187,6 +188,7 @@ class Explainer:
                     image=sample.image if keep_images else None,
                     sample_id=sample.id,
                     geometry=geometries[b],
+                    words=segment_words(self.adapter.tokenizer, answer_ids[b]),
                 )
             )
         return per_sample

@@ -1,4 +1,4 @@
-"""The :class:`Explanation` of one sample: per-token maps, token weights, sequence map."""
+"""The :class:`Explanation` of one sample: per-token maps, token weights, sequence map, and their word view."""
 
 from __future__ import annotations
 
@@ -11,14 +11,23 @@ import torch
 from PIL import Image
 
 from dexar.adapters.geometry import MapGeometry
+from dexar.words import Word, piece_words, word_aggregate
 
 
 @dataclass
 class Explanation:
-    """What a method says about one answer.
+    """What a method says about one answer, per token (piece) and per word.
+
+    The word view (:attr:`words`, :attr:`word_maps`, :attr:`word_weights`) is what a person reads: the
+    tokenizer's words (:func:`dexar.words.segment_words`: ``▁`` word starts, byte-fallback pieces merged,
+    punctuation kept with its whitespace word), each with one map and one weight aggregated from its
+    pieces: word map = MinMax of the λ-weighted mean of its pieces' maps (the plain mean when a method
+    has no λ: its weights are all 1), word weight = max λ of its pieces
+    (:func:`dexar.words.word_aggregate` argues this reading against the paper). Piece-level data
+    (``tokens``, ``token_maps``, ``token_weights``) stays as it was.
 
     Attributes:
-        tokens: Answer tokens as text.
+        tokens: Answer tokens (pieces) as text, for display (no ``▁``; byte-fallback pieces as ``<0xE2>``).
         token_ids: Answer token ids.
         token_maps: ``(T, h, w)`` per-token maps in [0, 1].
         token_weights: ``(T,)`` weights of the tokens in the sequence map (λ_t for DEX-AR).
@@ -34,6 +43,8 @@ class Explanation:
         sample_id: Id of the sample, if any.
         geometry: Where the maps' grid lies on the original image (the processor's view mapped back,
             :meth:`dexar.adapters.VLMAdapter.map_geometry`); ``None``: the grid spans the whole image.
+        words: The answer's words with their piece spans (from the tokenizer); ``None``: one word per
+            token (explanations built without a tokenizer).
 
     """
 
@@ -52,6 +63,27 @@ class Explanation:
     image: Image.Image | None = None
     sample_id: str | None = None
     geometry: MapGeometry | None = None
+    words: list[Word] | None = None
+
+    @property
+    def word_list(self) -> list[Word]:
+        """:attr:`words`, or one word per token when no segmentation was given."""
+        return self.words if self.words is not None else piece_words(len(self.tokens), self.tokens)
+
+    @property
+    def word_texts(self) -> list[str]:
+        """The words' texts."""
+        return [w.text for w in self.word_list]
+
+    @property
+    def word_maps(self) -> torch.Tensor:
+        """``(W, h, w)`` one map per word in [0, 1] (see the class docstring)."""
+        return word_aggregate(self.token_maps, self.token_weights, self.word_list)[0]
+
+    @property
+    def word_weights(self) -> torch.Tensor:
+        """``(W,)`` one weight per word: the max λ of its pieces."""
+        return word_aggregate(self.token_maps, self.token_weights, self.word_list)[1]
 
     def placement(self, size: tuple[int, int]) -> MapGeometry:
         """The geometry that places the maps on the image drawn at ``size`` (the whole image when unknown)."""
@@ -94,6 +126,8 @@ class Explanation:
             "options": self.options,
             "answer": self.answer,
             "tokens": self.tokens,
+            "words": [w.to_dict() for w in self.word_list],
+            "word_weights": [float(w) for w in self.word_weights],
             "token_ids": self.token_ids,
             "token_weights": [float(w) for w in self.token_weights],
             "token_empty": [bool(e) for e in empty],
@@ -104,7 +138,7 @@ class Explanation:
         }
 
     def save(self, directory: str | Path, html: bool = False, prompt: str | None = None) -> Path:
-        """Write ``sequence.png`` (overlay), ``tokens.png`` (per-token strip), ``explanation.json``.
+        """Write ``sequence.png`` (overlay), ``words.png`` (one panel per word), ``tokens.png`` (per piece), JSON.
 
         With ``html``, also ``explanation.html``: the answer's words over the image, one map per word on
         hover, in one self-contained page (:mod:`dexar.explorer`; ``prompt`` is shown above the answer).
@@ -119,6 +153,9 @@ class Explanation:
         if self.image is not None:
             placed = self.upsample((self.image.height, self.image.width))  # maps on the pixels the model saw
             overlay(self.image, placed.sequence_map, caption=self.answer).save(directory / "sequence.png")
+            words, weights = placed.word_texts, placed.word_weights
+            strip = token_strip(self.image, placed.word_maps, words, weights, empty="(no answer words)")
+            strip.save(directory / "words.png")
             token_strip(self.image, placed.token_maps, self.tokens, self.token_weights).save(directory / "tokens.png")
         if html:
             from dexar.explorer import payload_from_explanations, write_explanation_html

@@ -148,16 +148,25 @@ def overlay(image: Image.Image, heatmap: torch.Tensor, caption: str | None = Non
 
 
 def token_strip(
-    image: Image.Image, token_maps: torch.Tensor, tokens: list[str], weights: torch.Tensor, tile: int = 128
+    image: Image.Image,
+    token_maps: torch.Tensor,
+    tokens: list[str],
+    weights: torch.Tensor,
+    tile: int = 128,
+    empty: str = "(no answer tokens)",
 ) -> Image.Image:
-    """One overlay per answer token, left to right, each labelled with its token and weight (``tile`` px wide)."""
+    """One overlay per answer token or word, left to right, each labelled with its text and weight.
+
+    Called with an explanation's word view (``word_maps``, ``word_texts``, ``word_weights``) it draws one
+    panel per word, labelled with the word (``potted``, not ``p`` ``otted``); ``tile`` px per panel.
+    """
     small = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
     tiles = [
         _with_text(blend(small, m), [fit(tok.replace("\n", "\\n"), tile - 6), f"w={float(w):.3g}"])
         for m, tok, w in zip(token_maps, tokens, weights, strict=True)
     ]
     if not tiles:
-        return _with_text(small, [fit("(no answer tokens)", tile - 6)])
+        return _with_text(small, [fit(empty, tile - 6)])
     strip = Image.new("RGB", (tile * len(tiles), tiles[0].height), "white")
     for i, t in enumerate(tiles):
         strip.paste(t, (i * tile, 0))

@@ -12,11 +12,15 @@ from metrics.base import SampleMeanMetric
 
 
 class FillerSNR(SampleMeanMetric):
-    """Mean filler SNR in dB: content tokens' mean share of the sequence map over filler tokens'.
+    """Mean filler SNR in dB: content words' mean share of the sequence map over filler words'.
 
-    A token's share is ``λ_t · Σ_pixels E_t`` (its weight times the mass of its min-max map, as it
-    enters eq. 6). See :func:`metrics.functional.filler_snr` for the reading (decibels, floor) and its
-    evidence; samples without content or filler tokens, or with all shares zero, are skipped and counted.
+    Scored on words: PascalVOC-QA labels words content or filler, so :class:`dexar.pipeline.evaluation.Evaluator`
+    feeds each explanation's words (:attr:`dexar.Explanation.word_weights`, ``word_maps``: ``potted`` is
+    one content word, not the pieces ``p`` + ``otted``); with a word-level tokenizer a word is a token.
+    A word's share is ``λ_w · Σ_pixels E_w`` (its weight, the max λ of its pieces, times the mass of its
+    min-max map, as a token enters eq. 6). See :func:`metrics.functional.filler_snr` for the reading
+    (decibels, floor) and its evidence; samples without content or filler words, or with all shares zero,
+    are skipped and counted.
 
     Args:
         eps: Floor of both mean shares relative to the peak share (caps a perfect filter at

@@ -1,4 +1,8 @@
-"""Localization metrics against object masks (paper section 4, "Segmentation-based Evaluation")."""
+"""Localization metrics against object masks (paper section 4, "Segmentation-based Evaluation").
+
+Token-to-mask localization (``localization_target: tokens``) is defined on words: the evaluator scores
+each content word's map (:attr:`dexar.Explanation.word_maps`) against the mask of the object it names.
+"""
 
 from __future__ import annotations
 

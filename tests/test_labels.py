@@ -13,7 +13,7 @@ from datamodules.fixtures import drain, make_voc
 from datamodules.shapes import make_shapes_sample
 from datamodules.voc import PascalVOCQADataModule, qa_answer
 from dexar.labels import sample_token_labels, token_labels
-from dexar.shapes.model import build_shapes_tokenizer
+from dexar.shapes.model import build_word_tokenizer
 
 CORPUS = [
     "I see a bus as well as a car as well as a person",
@@ -52,7 +52,7 @@ def _pieces(tokenizer, labels, keep) -> str:
 
 
 def test_word_tokenizer_one_token_per_word():
-    tok = build_shapes_tokenizer()
+    tok = build_word_tokenizer()
     sample = make_shapes_sample(3, "test")
     labels = sample_token_labels(sample, tok)
     assert labels.tokens == sample.answer.split()
@@ -99,7 +99,7 @@ def test_voc_qa_sample_token_masks(bpe, tmp_path):
 
 
 def test_errors():
-    tok = build_shapes_tokenizer()
+    tok = build_word_tokenizer()
     with pytest.raises(ValueError, match="3 words"):
         token_labels(tok, "i see a", [False, True])
     with pytest.raises(ValueError, match="fast tokenizer"):
@@ -120,3 +120,27 @@ def test_context_mirrors_the_llava_adapter_answer_tokens():
     labels = sample_token_labels(sample, adapter.tokenizer, context=adapter.format_prompt(sample.prompt))
     assert labels.ids == adapter.tokenize_answer(sample.answer)
     assert labels.is_content == sample.word_is_content
+
+
+def test_shapes_bpe_labels_every_piece_of_a_content_word():
+    """The bundled model's sub-word tokenizer: colour and shape words span 1–3 pieces, all content."""
+    from dexar.adapters import LlavaAdapter
+    from dexar.labels import word_spans
+    from dexar.shapes.tokenizer import build_shapes_processor
+
+    adapter = LlavaAdapter(None, build_shapes_processor())
+    tok = adapter.tokenizer
+    multi = 0
+    for i in range(30):
+        sample = make_shapes_sample(i, "test", task="mixed")
+        labels = sample_token_labels(sample, tok, context=adapter.format_prompt(sample.prompt))
+        assert labels.ids == adapter.tokenize_answer(sample.answer)
+        assert len(labels.ids) > len(sample.answer.split())
+        for w, (start, end) in enumerate(word_spans(sample.answer)):
+            pieces = [t for t, (a, b) in enumerate(labels.offsets) if a < end and b > start]
+            assert "".join(tok.decode([labels.ids[t]]).strip() for t in pieces) == sample.answer[start:end]
+            assert all(labels.is_content[t] == sample.word_is_content[w] for t in pieces)
+            assert all(labels.mask_index[t] == sample.word_mask_index[w] for t in pieces)
+            multi += sample.word_is_content[w] and len(pieces) > 1
+        assert sum(labels.is_content) >= sum(sample.word_is_content)
+    assert multi > 30, "most content words are several pieces"

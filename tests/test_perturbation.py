@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from datamodules.shapes import view_mask
 from dexar import SHAPES_CHECKPOINT
 from dexar.adapters import get_adapter
 from dexar.explain import explain
@@ -300,7 +301,7 @@ def test_oracle_mask_beats_its_inverse_on_shapes(samples):
     for sample in samples:
         prompt_ids, inputs = adapter.encode_prompts([sample.image], [sample.prompt])
         answer_ids = adapter.tokenize_answer(sample.answer)
-        mask = torch.from_numpy(sample.union_mask).double()
+        mask = torch.from_numpy(view_mask(sample.union_mask)).double()  # the pixels the model sees
         for name, heatmap in (("oracle", mask), ("inverse", 1 - mask)):
             curves = perturbation_curves(adapter, inputs["pixel_values"][0], prompt_ids[0], answer_ids, heatmap, modes)
             aucs[name]["positive"].append(MF.perturbation_auc(curves["positive"].nppl, DEFAULT_LEVELS["positive"]))

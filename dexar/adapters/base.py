@@ -417,8 +417,10 @@ class VLMAdapter(abc.ABC):
         return input_ids == self.image_token_id
 
     def decode_tokens(self, token_ids: list[int]) -> list[str]:
-        """Readable text of each token on its own (for labels and plots)."""
-        return [self.tokenizer.decode([t]).strip() or self.tokenizer.convert_ids_to_tokens(t) for t in token_ids]
+        """Readable text of each token on its own (for labels and plots; :func:`dexar.words.display_pieces`)."""
+        from dexar.words import display_pieces
+
+        return display_pieces(self.tokenizer, token_ids)
 
 
 def answer_slots(answer_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,10 +39,22 @@ def answer_after_prompt(adapter: VLMAdapter, answer: str, separator: str = " ") 
     joint = adapter.tokenizer(prompt + separator + answer.strip(), add_special_tokens=False)["input_ids"]
     alone = adapter.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if joint[: len(alone)] == alone:
-        return list(joint[len(alone) :])
+        return _tokenized(adapter, answer, list(joint[len(alone) :]))
     return answer_alone(adapter, answer)
 
 
 def answer_alone(adapter: VLMAdapter, answer: str) -> list[int]:
     """Answer ids tokenized on their own, without special tokens."""
-    return list(adapter.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+    return _tokenized(adapter, answer, list(adapter.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]))
+
+
+def _tokenized(adapter: VLMAdapter, answer: str, ids: list[int]) -> list[int]:
+    """``ids``, or :class:`DexarInputError` when a non-empty answer tokenized to nothing (a broken tokenizer)."""
+    if answer.strip() and not ids:
+        tokenizer = adapter.tokenizer
+        name = getattr(tokenizer, "name_or_path", "") or "?"
+        raise DexarInputError(
+            f"answer {answer.strip()!r} tokenizes to no tokens with {type(tokenizer).__name__} ({name}): "
+            "the tokenizer is broken or does not cover this text"
+        )
+    return ids

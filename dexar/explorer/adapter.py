@@ -1,7 +1,9 @@
 """Today's :class:`~dexar.explanation.Explanation` objects → an :class:`ExplanationPayload`.
 
-A stop-gap until ``Explanation`` has a word view of its own (issue 15): this module groups the answer's
-tokens into whitespace-separated words itself and aggregates each word's pieces:
+An explanation with a word view (``Explanation.words``, segmented by the tokenizer, issue 15) gives the
+words, their maps and weights (``word_maps``, ``word_weights``); for explanation-like objects without one,
+this module groups the answer's tokens into whitespace-separated words itself (:func:`group_pieces`)
+and aggregates each word's pieces by the same rule:
 
 * word weight = the max λ of its pieces (a word is as visual as its most visual piece);
 * word map = MinMax(Σ_i λ_i E_i), the λ-weighted sum of its pieces' maps (the plain sum when every λ
@@ -29,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dexar.explorer.encode import MAP_MAX_SIDE
@@ -41,6 +44,7 @@ from dexar.explorer.payload import (
     display_text,
     image_size,
 )
+from dexar.words import Word, word_aggregate
 
 _SPECIAL = re.compile(r"<[^<>\s]+>|\[[A-Z_]+\]")  # </s>, <|im_end|>, [SEP] — but see _BYTE
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces belong to their word
@@ -76,18 +80,22 @@ def group_pieces(tokens: Sequence[str], answer: str = "") -> list[list[int]]:
 
 
 def filler_flags(
-    tokens: Sequence[str], answer: str, labelled_answer: str | None, word_is_content: Sequence[bool] | None
+    tokens: Sequence[str],
+    answer: str,
+    labelled_answer: str | None,
+    word_is_content: Sequence[bool] | None,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> list[bool | None] | None:
     """Per word of :func:`group_pieces`: filler (True) / content (False), from a dataset's per-word labels.
 
     The labels (``Sample.word_is_content``, one per whitespace word of ``labelled_answer``) apply only when
     the explained ``answer`` is that answer word for word (a teacher-forced ground truth; a generated
     answer that happens to match); special tokens (``</s>``) are their own words and get None. Otherwise
-    None: unknown.
+    None: unknown. ``groups``: the words' token indices when known (``Explanation.words``).
     """
     if word_is_content is None or labelled_answer is None or answer.split() != labelled_answer.split():
         return None
-    groups = group_pieces(tokens, answer)
+    groups = [list(g) for g in groups] if groups is not None else group_pieces(tokens, answer)
     plain = [k for k, group in enumerate(groups) if not all(_is_special(tokens[t]) for t in group)]
     if len(plain) != len(word_is_content):
         return None
@@ -103,14 +111,11 @@ def _is_special(token: str) -> bool:
 
 
 def word_view(pieces: list[PieceView], maps: np.ndarray, weights: np.ndarray, filler: bool | None) -> WordView:
-    """A word from its pieces: weight = max λ, map = MinMax(Σ λ_i E_i) (plain sum if every λ is 0)."""
-    if len(pieces) == 1:
-        merged = maps[0]
-    else:
-        positive = np.clip(weights, 0.0, None)
-        combined = np.tensordot(positive if positive.sum() > 0 else np.ones_like(positive), maps, axes=1)
-        low, high = combined.min(), combined.max()
-        merged = (combined - low) / (high - low) if high > low else np.zeros_like(combined)
+    """A word from its pieces: weight = max λ, map = MinMax(Σ λ_i E_i) (:func:`dexar.words.word_aggregate`)."""
+    merged = maps[0]
+    if len(pieces) > 1:
+        whole = [Word("", 0, len(pieces))]
+        merged = word_aggregate(torch.from_numpy(maps), torch.from_numpy(weights), whole)[0][0].numpy()
     return WordView(
         pieces=pieces,
         weight=float(weights.max()),
@@ -147,7 +152,12 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
             f"explanation {name!r}: {len(tokens)} tokens but token_maps {tuple(maps.shape)} and "
             f"token_weights {tuple(weights.shape)}"
         )
-    groups = group_pieces(tokens, getattr(explanation, "answer", "") or "")
+    segmented = getattr(explanation, "words", None)
+    if segmented is not None:
+        groups = [list(w.pieces) for w in segmented]
+        word_maps, word_weights = _numpy(explanation.word_maps), _numpy(explanation.word_weights)
+    else:
+        groups = group_pieces(tokens, getattr(explanation, "answer", "") or "")
     if filler is not None and len(filler) != len(groups):
         raise ValueError(f"explanation {name!r}: {len(filler)} filler flags for {len(groups)} words {tokens}")
     words = []
@@ -161,7 +171,20 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
             )
             for t in group
         ]
-        words.append(word_view(pieces, maps[group], weights[group], None if filler is None else filler[k]))
+        flag = None if filler is None else filler[k]
+        if segmented is None:
+            words.append(word_view(pieces, maps[group], weights[group], flag))
+            continue
+        words.append(
+            WordView(
+                pieces=pieces,
+                weight=float(word_weights[k]),
+                map=word_maps[k],
+                filler=flag,
+                empty=all(p.empty for p in pieces),
+                text=segmented[k].text,
+            )
+        )
     return MethodView(
         name=name,
         words=words,

@@ -15,7 +15,7 @@ thumbnail, per-sample metric values, methods), so the index needs neither the im
 Per-sample metric values come from the sample's metric contribution (``PredictOutput.contributions``:
 the states of fresh metric copies fed this sample alone). A metric's value is the mean of the finite
 entries of its ``values`` state (:class:`metrics.base.SampleMeanMetric`): one entry per sample, or one per
-content token with ``localization_target: tokens`` (the sample's figure is then its tokens' mean);
+content word with ``localization_target: tokens`` (the sample's figure is then its words' mean);
 None when there is none (a skipped, degenerate sample).
 """
 

@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"answer: {first.answer}")
     for name, result in explanations.items():
         prefix = f"{name} " if len(explanations) > 1 else ""
-        weights = zip(result.tokens, result.token_weights, strict=True)
-        print(f"{prefix}tokens: " + " ".join(f"{t}({float(w):.3g})" for t, w in weights))
+        words = zip(result.word_texts, result.word_weights, strict=True)
+        print(f"{prefix}words: " + " ".join(f"{t}({float(w):.3g})" for t, w in words))
+        if any(len(w.pieces) > 1 for w in result.word_list):
+            pieces = zip(result.tokens, result.token_weights, strict=True)
+            print(f"{prefix}pieces: " + " ".join(f"{t}({float(w):.3g})" for t, w in pieces))
     print("wrote " + ", ".join(str(p) for p in written))
     if args.html:
         print(f"open {out / 'explanation.html'} in a browser (works offline)")
@@ -166,7 +169,8 @@ def _save(explanations: dict[str, Any], out: Path, prompt: str, html: bool, titl
     written = []
     for name, result in explanations.items():
         directory = result.save(out if len(explanations) == 1 else out / name)
-        written += [directory / "sequence.png", directory / "tokens.png", directory / "explanation.json"]
+        written += [directory / "sequence.png", directory / "words.png", directory / "tokens.png"]
+        written.append(directory / "explanation.json")
     if html:
         from dexar.explorer import payload_from_explanations, write_explanation_html
 

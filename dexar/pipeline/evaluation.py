@@ -7,12 +7,14 @@ to the function that feeds its metrics:
 * ``localization`` — ``update(maps, masks, ignore, seen=seen)`` with maps placed on the mask's pixels
   through the model's view (:meth:`dexar.Explanation.upsample`: zero where the model saw nothing) and
   ``seen`` the pixels it saw (metrics score those only); the map is the sequence map against the union
-  of the sample's masks (``target="sequence"``, the paper's PascalVOC protocol) or each content token's
-  map against the mask of the object it names (``target="tokens"``). How much of a mask lies outside
-  the view is a metric of its own (``metrics.UnseenMaskFraction``); without it the evaluator warns once
-  per method when a mask reaches outside the view;
-* ``filler`` — ``update([token_weights], [content_mask], [map_mass])`` with per-token content labels
-  (an explained end-of-sequence token counts as filler) and the mass of each token's min-max map;
+  of the sample's masks (``target="sequence"``, the paper's PascalVOC protocol) or each content word's
+  map against the mask of the object it names (``target="tokens"``: scored on the explanation's words,
+  :attr:`dexar.Explanation.word_maps`, since datasets label words; a one-piece word is its token). How
+  much of a mask lies outside the view is a metric of its own (``metrics.UnseenMaskFraction``); without
+  it the evaluator warns once per method when a mask reaches outside the view;
+* ``filler`` — ``update([word_weights], [content_mask], [map_mass])`` on the explanation's words
+  (PascalVOC-QA labels words: content/filler per word, word weight = max λ of its pieces, the mass of
+  each word's min-max map; an explained end-of-sequence token is a filler word);
 * ``perturbation:<mode>`` (mode in :data:`dexar.perturbation.MODES`) — curves of the ground-truth
   answer's perplexity over the metric's ``levels``, all modes of one sample and method scored together;
   each metric maps its mode's :class:`~dexar.perturbation.PerturbationCurve` to its own ``update``
@@ -128,8 +130,8 @@ class Evaluator:
         metrics: Method label → metric name → metric object.
         settings: :class:`EvaluationSettings`.
         rows: Method label → metric name → ids of the rows each metric received, in update order
-            (one per sample, or one per content token with ``target="tokens"``), to align per-sample
-            values with samples.
+            (one per sample, or ``<id>#<word index>`` per content word with ``target="tokens"``), to align
+            per-sample values with samples.
     """
 
     adapter: VLMAdapter
@@ -234,18 +236,29 @@ class Evaluator:
             if names:
                 feed(self, label, names, sample, exp, curves)
 
-    def _filler_labels(self, sample: Sample, exp: Explanation) -> torch.Tensor | None:
-        """Per-token content flags of the explained tokens, or ``None`` when they are not the ground truth.
+    def word_labels(self, sample: Sample, exp: Explanation) -> list[int | None] | None:
+        """Per explained word: ``None`` for a filler word, else the mask index of the content word (-1: none).
 
-        Filler labels exist for the ground-truth answer only. An end-of-sequence token explained after
-        it (``keep_eos``; PascalVOC-QA's appendix answer ends in ``[EOS]``) is a filler token.
+        ``None`` overall when the explained tokens are not the ground truth's: labels exist for the
+        ground-truth answer only. Datasets label words (``Sample.word_is_content``, PascalVOC-QA's
+        per-word mask), so metrics score the explanation's words (:attr:`Explanation.words`): a word is
+        content when its pieces are (``p`` + ``otted`` + ``plant``: one content word ``potted``, one
+        ``plant``). An end-of-sequence token explained after the answer (``keep_eos``; PascalVOC-QA's
+        appendix answer ends in ``[EOS]``) is a filler word.
         """
+        if sample.word_is_content is None or sample.answer is None:
+            return None
         labels = sample_token_labels(sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt))
-        if exp.token_ids == labels.ids:
-            return torch.tensor(labels.is_content)
+        content, mask_index = list(labels.is_content), list(labels.mask_index)
         if exp.token_ids == [*labels.ids, self.adapter.tokenizer.eos_token_id]:
-            return torch.tensor([*labels.is_content, False])
-        return None
+            content, mask_index = [*content, False], [*mask_index, -1]
+        elif exp.token_ids != labels.ids:
+            return None
+        out: list[int | None] = []
+        for word in exp.word_list:
+            picks = [t for t in word.pieces if content[t]]
+            out.append(next((mask_index[t] for t in picks if mask_index[t] >= 0), -1) if picks else None)
+        return out
 
     def _localization_inputs(self, sample: Sample, exp: Explanation):
         """Placed maps, masks, ignore and seen masks ``(N, H, W)`` and row ids (``None`` maps: nothing to score)."""
@@ -259,16 +272,14 @@ class Evaluator:
             return up, mask, (ignore[None] if ignore is not None else None), seen[None], [sample.id]
         if sample.word_mask_index is None:
             return None, None, None, None, []
-        labels = sample_token_labels(sample, self.adapter.tokenizer, context=self.adapter.format_prompt(sample.prompt))
-        if labels.ids != exp.token_ids:
-            return None, None, None, None, []
-        picks = [t for t, k in enumerate(labels.mask_index) if k >= 0]
+        labels = self.word_labels(sample, exp)
+        picks = [w for w, k in enumerate(labels or []) if k is not None and k >= 0]
         if not picks:
             return None, None, None, None, []
-        up = geometry.place(exp.token_maps[picks].double(), size).clamp(min=0)
-        masks = torch.from_numpy(sample.masks[[labels.mask_index[t] for t in picks]])
+        up = geometry.place(exp.word_maps[picks].double(), size).clamp(min=0)
+        masks = torch.from_numpy(sample.masks[[labels[w] for w in picks]])
         ig = ignore[None].expand(len(picks), -1, -1) if ignore is not None else None
-        return up, masks, ig, seen[None].expand(len(picks), -1, -1), [f"{sample.id}#{t}" for t in picks]
+        return up, masks, ig, seen[None].expand(len(picks), -1, -1), [f"{sample.id}#{w}" for w in picks]
 
     def _warn_unseen(
         self,
@@ -313,14 +324,15 @@ def _feed_localization(ev: Evaluator, label: str, names: list[str], sample: Samp
 
 @feeder("filler")
 def _feed_filler(ev: Evaluator, label: str, names: list[str], sample: Sample, exp: Explanation, _curves) -> None:
-    """Token weights, content/filler labels of the ground-truth answer and each token map's mass."""
+    """Word weights, content/filler labels of the ground-truth answer's words and each word map's mass."""
     if sample.word_is_content is None or sample.answer is None:
         return
-    content = ev._filler_labels(sample, exp)
-    if content is not None:
-        mass = exp.token_maps.double().flatten(1).sum(1)  # Σ_pixels of each min-max map E_t
+    labels = ev.word_labels(sample, exp)
+    if labels is not None:
+        content = torch.tensor([m is not None for m in labels])
+        mass = exp.word_maps.double().flatten(1).sum(1)  # Σ_pixels of each word's min-max map
         for name in names:
-            ev.metrics[label][name].update([exp.token_weights.double()], [content], [mass])
+            ev.metrics[label][name].update([exp.word_weights.double()], [content], [mass])
             ev.rows[label][name].append(sample.id)
 
 

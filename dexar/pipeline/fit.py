@@ -9,10 +9,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from dexar.adapters import get_adapter
+from dexar.adapters import TeacherForcedBatch, get_adapter
 from dexar.generation import generate_answers
 from dexar.schema import Sample
-from dexar.shapes.model import SHAPES_CHECKPOINT, build_shapes_model, build_shapes_processor
+from dexar.shapes.model import SHAPES_CHECKPOINT, build_shapes_model
+from dexar.shapes.tokenizer import build_shapes_processor
 
 
 class ShapesFitModule(L.LightningModule):
@@ -41,7 +42,7 @@ class ShapesFitModule(L.LightningModule):
         min_lr_ratio: float = 0.03,
         init_seed: int = 0,
         output_dir: str = SHAPES_CHECKPOINT,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -50,17 +51,27 @@ class ShapesFitModule(L.LightningModule):
         self.adapter = get_adapter(self.model, self.processor)
         self._val_hits: list[float] = []
 
-    def training_step(self, batch: list[Sample], batch_idx: int) -> torch.Tensor:
+    def teacher_forced(self, batch: list[Sample]) -> tuple[TeacherForcedBatch, torch.Tensor]:
+        """The LLaVA-1.5 training sequence of each sample and its next-token targets.
+
+        The answer follows ``ASSISTANT:`` as the adapter tokenizes it (with its leading space, ``▁i``
+        ``▁see`` ...) and ends in ``</s>``. ``targets[b, j]`` is the token after position ``j``, or -100
+        (ignored) where that token belongs to the prompt or padding: only answer tokens are learned.
+        """
         eos = self.processor.tokenizer.eos_token_id
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in batch], [s.prompt for s in batch])
         answers = [self.adapter.tokenize_answer(s.answer or "") + [eos] for s in batch]
         tf = self.adapter.build_batch(prompt_ids, answers, image_inputs, device=self.device)
-        logits = self.model(**tf.inputs).logits[:, :-1]
         targets = tf.input_ids[:, 1:].clone()
         n = targets.shape[1]
         positions = torch.arange(n, device=self.device)
         first = n - tf.answer_lengths.to(self.device)
         targets[positions[None, :] < first[:, None]] = -100
+        return tf, targets
+
+    def training_step(self, batch: list[Sample], batch_idx: int) -> torch.Tensor:
+        tf, targets = self.teacher_forced(batch)
+        logits = self.model(**tf.inputs).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss

@@ -1,19 +1,22 @@
 """The bundled Shapes VLM: a real ``LlavaForConditionalGeneration`` small enough to train on a CPU.
 
-It has a word-level tokenizer (``tokenizers`` WordLevel model wrapped in ``PreTrainedTokenizerFast``)
-and the PIL CLIP image processor, so ``AutoProcessor``/``AutoModelForImageTextToText`` load the saved
-directory like any LLaVA checkpoint.
+It is built like LLaVA-1.5 at a small scale: a SentencePiece-style BPE wrapped as ``LlamaTokenizerFast``
+(:mod:`dexar.shapes.tokenizer`), the LLaVA-1.5 prompt template, and ``llava-hf``'s CLIP image
+processing (resize the shortest edge, center crop, CLIP mean/std) at 64 pixels, so
+``AutoProcessor``/``AutoModelForImageTextToText`` load the saved directory like any LLaVA checkpoint.
+This module also defines the Shapes language (colours, shapes, prompts, caption grammar).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -34,6 +37,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CAPTION_PROMPT = "describe the image."
+COLOR_QUESTION = "what color is the {shape}?"
+SHAPE_QUESTION = "what shape is the {color} object?"
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = [
@@ -59,8 +68,29 @@ WORDS = [
 ]
 
 
-def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the Shapes vocabulary, adding ``<s>`` in front."""
+def caption(objects: Sequence[tuple[str, str]]) -> str:
+    """The caption of ``(colour, shape)`` objects listed left to right: ``i see a red circle and a blue square``."""
+    return " and ".join([f"i see a {c} {s}" if not k else f"a {c} {s}" for k, (c, s) in enumerate(objects)])
+
+
+def tokenizer_specials() -> dict[str, Any]:
+    """The special tokens and padding side every Shapes tokenizer is built with (LLaVA-1.5's names)."""
+    return {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "extra_special_tokens": {"image_token": "<image>"},
+    }
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over the Shapes words (:data:`WORDS`), adding ``<s>`` in front.
+
+    One word is one token: the random test models use it (:mod:`dexar.testing`); the bundled model has
+    the sub-word tokenizer of :mod:`dexar.shapes.tokenizer`.
+    """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -68,34 +98,11 @@ def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_specials())
     return fast
 
 
-def build_shapes_processor() -> LlavaProcessor:
-    """The LLaVA processor of the Shapes model: word tokenizer + 64×64 CLIP preprocessing."""
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_shapes_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-
-
-def build_shapes_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_shapes_config(tokenizer: Any) -> LlavaConfig:
     """LLaVA config: CLIP tower (hidden 128, 4 layers) → GELU projector → Llama (hidden 128, 3 layers)."""
     vision = CLIPVisionConfig(
         hidden_size=128,

@@ -10,9 +10,26 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerBase,
 )
 
-from dexar.shapes.model import build_shapes_tokenizer
+from dexar.shapes.model import build_word_tokenizer
+
+
+def vlm_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A hub text tokenizer made ready for a tiny LLaVA: ``<image>`` (and ``<pad>`` when missing), left padding.
+
+    Used with a real SentencePiece tokenizer (e.g. Mistral 7B's, ``tests/adapters/test_real_tokenizer.py``) in
+    :func:`random_llava` and :func:`dexar.testing.vlms.random_llava_next`.
+    """
+    specials = [t for t in ("<image>",) if t not in tokenizer.get_vocab()]
+    extra: dict = {"additional_special_tokens": specials} if specials else {}
+    if tokenizer.pad_token is None:
+        extra["pad_token"] = "<pad>"
+    if extra:
+        tokenizer.add_special_tokens(extra)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def tiny_llama_config(
@@ -50,8 +67,9 @@ def random_llava(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised LLaVA (CLIP tower + Llama) with the Shapes word tokenizer.
+    """A randomly initialised LLaVA (CLIP tower + Llama) with the Shapes word tokenizer (or ``tokenizer``).
 
     Args:
         hidden: LLM hidden size.
@@ -65,9 +83,11 @@ def random_llava(
         dtype: Parameter dtype.
         seed: Initialisation seed.
         attn_implementation: Attention implementation of every sub-model.
+        tokenizer: A tokenizer holding ``<image>`` and a pad token (:func:`vlm_tokenizer`); default: the
+            Shapes word tokenizer (one token per word).
 
     """
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer()
     side = grid * patch
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,

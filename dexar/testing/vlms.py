@@ -21,6 +21,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -33,7 +34,7 @@ from transformers import (
 )
 
 from dexar.adapters.processing import ImageTextProcessor
-from dexar.shapes.model import WORDS, build_shapes_tokenizer
+from dexar.shapes.model import WORDS, build_word_tokenizer
 from dexar.testing.llava import tiny_llama_config
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -169,12 +170,14 @@ def random_llava_next(
     patch: int = 8,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[nn.Module, LlavaNextProcessor]:
     """A random LLaVA-NeXT (CLIP tower + Llama) with anyres tiles of ``tile`` pixels (``tile/patch`` tokens a side).
 
     Grid pinpoints: 1×2, 2×1 and 2×2 tiles, so the tile layout depends on the image's aspect ratio.
+    ``tokenizer``: as :func:`dexar.testing.random_llava`'s (default: the Shapes word tokenizer).
     """
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer()
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     vision = CLIPVisionConfig(
         hidden_size=32,

@@ -22,6 +22,7 @@ from transformers import CLIPImageProcessorPil
 import metrics as M
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model
 from dexar.adapters import get_adapter
+from dexar.labels import sample_token_labels
 from dexar.methods import DexAR, RawAttention
 from dexar.perturbation import upsample_map
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
@@ -205,7 +206,12 @@ def test_token_localization_reports_each_objects_unseen_share(shapes):
     Evaluator(explainer.adapter, {"dexar": {"unseen": unseen}}, EvaluationSettings("tokens")).update(
         [sample], {"dexar": [exp]}
     )
-    assert unseen.per_sample().tolist() == [1.0, 1.0, 0.0, 0.0]  # "red square" in the margin, then in the crop
+    # one value per content token: those of the first "red square" (in the margin: all unseen), then the
+    # second's (in the crop); [1, 1, 0, 0] with one token per word, a "red squ are" has three
+    labels = sample_token_labels(sample, processor.tokenizer, context=explainer.adapter.format_prompt(sample.prompt))
+    objects = [k for k in labels.mask_index if k >= 0]
+    assert objects == sorted(objects) and set(objects) == {0, 1} and objects.count(0) == objects.count(1)
+    assert unseen.per_sample().tolist() == [1.0 if k == 0 else 0.0 for k in objects]
 
 
 def test_evaluator_warns_once_when_no_metric_reports_the_unseen_mask(shapes, caplog):

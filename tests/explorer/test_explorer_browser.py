@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dexar.explorer import payload_from_explanations, write_explanation_html, write_run_explorer
@@ -347,9 +348,19 @@ def test_real_explanation_of_the_bundled_shapes_model(browser, tmp_path, artifac
     content = _content_words(payload)
     assert content
     exp = explanations["dexar"]
+    # each word shows the tokenizer's pieces (one for the word-level model, several for the sub-word one)
+    assert [[p.text for p in v.pieces] for v in words] == [exp.tokens[w.start : w.end] for w in exp.words]
     for i in content:
         _hover(browser, _word_elements(browser)[i + 1])
-        assert np.array_equal(np.asarray(words[i].map), exp.token_maps[i].float().numpy())  # one token per word
+        pieces = list(exp.words[i].pieces)
+        if len(pieces) == 1:
+            expect = exp.token_maps[pieces[0]].double()
+        else:  # MinMax(Σ λ⁺ E) over the word's pieces
+            lam = exp.token_weights[pieces].double().clamp(min=0)
+            lam = lam if lam.sum() > 0 else torch.ones_like(lam)
+            combined = torch.tensordot(lam, exp.token_maps[pieces].double(), 1)
+            expect = (combined - combined.min()) / (combined.max() - combined.min())
+        assert np.allclose(np.asarray(words[i].map, dtype=np.float64), expect.numpy(), atol=1e-6)
         others = [words[j].map for j in range(len(words)) if _differs(words[j].map, words[i].map)]
         _shows(browser, _alpha(browser), words[i].map, others[:3])
     _hover(browser, _word_elements(browser)[content[-1] + 1])

@@ -151,7 +151,7 @@ def test_cli_html_with_several_methods_shares_one_explain_call(tiny_checkpoint, 
     assert cli_main([*args, "--method", "dexar,attention", "--head-filter", "avg"]) == 0, capsys.readouterr().err
     assert calls == [["attention", "dexar"]]  # one call: one trace for both methods
     printed = capsys.readouterr().out
-    assert "dexar tokens:" in printed and "attention tokens:" in printed and "explanation.html" in printed
+    assert "dexar words:" in printed and "attention words:" in printed and "explanation.html" in printed
     data = _page_json((out / "explanation.html").read_text())
     assert [m["name"] for m in data["methods"]] == ["dexar", "attention"] and data["title"] == "scene.png"
     assert data["methods"][0]["options"]["head_filter"] == "avg"  # the option went to the method that takes it
@@ -187,6 +187,10 @@ def _module(checkpoint: str) -> ExplainerModule:
         answer_source="ground_truth",
         metrics=metrics,
         localization_target="tokens",
+        # float64: DDP batches the samples differently (rank 0: 0+2, 4; one process: 0+1, 2+3, 4), and a sample
+        # left-padded to another length rounds differently (float32: maps 3e-7 apart, EPG 9.3e-9 on the Shapes
+        # split's 5/9/9/13/9-word answers); float64 keeps that rounding far below the 1e-9 the tests compare at
+        dtype="float64",
     )
 
 
@@ -273,7 +277,6 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_ddp_run_explorer_equals_the_one_process_explorer(tiny_checkpoint, uninterrupted, tmp_path):
-    _predict(tiny_checkpoint, tmp_path, devices=2)
     """Each rank writes its own samples' pages; rank 0's index lists them all, values as with one process."""
     _predict(tiny_checkpoint, tmp_path, devices=2)
     ddp, one = _rows(tmp_path), _rows(uninterrupted[0])
