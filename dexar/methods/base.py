@@ -83,8 +83,13 @@ def finish(
 
     The sequence map is ``MinMax(Σ_t λ_t E_t)`` over real answer tokens (paper eq. 6); padding
     slots get weight 0 and a zero map. Tiled images: the token values are first merged into the
-    full-image cells (:func:`to_cells`) unless ``on_cells`` says they already are.
+    full-image cells (:func:`to_cells`) unless ``on_cells`` says they already are. Normalised in float32
+    (or wider) whatever the model's dtype: a bf16 min-max has 256 levels per octave, and its ties bias
+    the pixel order of the perturbation metrics.
     """
+    work = torch.promote_types(raw_token_maps.dtype, torch.float32)
+    raw_token_maps = raw_token_maps.to(work)
+    token_weights = token_weights.to(work)
     if not on_cells:
         raw_token_maps = to_cells(trace, raw_token_maps)
     h, w = trace.grid

@@ -54,12 +54,13 @@ def batched_grads(
             grads = torch.autograd.grad(
                 target, inputs, go[0], retain_graph=True, allow_unused=True, materialize_grads=True
             )
-            yield t0, c, tuple(g[None] for g in grads)
-            continue
-        grads = torch.autograd.grad(
-            target, inputs, go, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
-        )
+            grads = tuple(g[None] for g in grads)
+        else:
+            grads = torch.autograd.grad(
+                target, inputs, go, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
+            )
         yield t0, c, grads
+        del grads  # not alive while the next chunk's backward runs (the caller drops its reference too)
 
 
 def grad_attention(
@@ -74,11 +75,14 @@ def grad_attention(
         return torch.stack([(g * p.detach()).clamp(min=0).mean(1) for g, p in zip(grads, probs, strict=True)], 1)[
             :, None
         ]
-    parts = []
-    for _, _, grads in batched_grads(target, probs, chunk):
-        layers = [(g * p.detach()).clamp(min=0).mean(2) for g, p in zip(grads, probs, strict=True)]  # (c, B, N, N)
-        parts.append(torch.stack(layers, dim=2).transpose(0, 1))  # (B, c, L, N, N)
-    return torch.cat(parts, dim=1)
+    b, t = target.shape
+    n = probs[0].shape[-1]
+    out = torch.empty(b, t, len(probs), n, n, dtype=probs[0].dtype, device=probs[0].device)
+    for t0, c, grads in batched_grads(target, probs, chunk):  # written in place: no per-chunk parts to concatenate
+        for layer, (g, p) in enumerate(zip(grads, probs, strict=True)):
+            out[:, t0 : t0 + c, layer] = (g * p.detach()).clamp_(min=0).mean(2).transpose(0, 1)  # (B, c, N, N)
+        del grads, g  # drop this chunk's gradients before the next backward
+    return out
 
 
 def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: slice) -> list[torch.Tensor]:
@@ -98,7 +102,8 @@ def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: s
     for i, layer in enumerate(plan.layers):
         if layer.capture is Capture.GRAPH:
             (g,) = torch.autograd.grad(lens[i].sum(), record.probs[i], retain_graph=True)
-            found[i] = g[:, :, rows]
+            found[i] = g[:, :, rows].clone()  # a view would keep the whole (B, H, N, N) gradient alive
+            del g
         elif layer.capture is Capture.GRAPH_ROWS:
             (found[i],) = torch.autograd.grad(lens[i].sum(), record.rows[i], retain_graph=True)
     out = []
@@ -106,6 +111,20 @@ def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: s
         g = found[i]
         out.append(g if g is not None else torch.zeros_like(record.answer_rows(i, rows)))
     return out
+
+
+def image_dot(grads: torch.Tensor, states: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """``Σ_d grads[c, b, j, d] · states[b, j, d]`` at the image positions ``j``: ``(B, c, V)``, float32 or wider.
+
+    Gathered before the product (``V`` rows, not ``N``) and summed in float32 on a bf16 model: a bf16 sum
+    over ``D`` rounds the map to 8 bits, whose ties bias GradCAM's pixel order.
+    """
+    work = torch.promote_types(grads.dtype, torch.float32)
+    c, b, _, d = grads.shape
+    index = image_index[None, :, :, None].expand(c, -1, -1, d)  # (c, B, V, D)
+    picked = torch.gather(grads, 2, index).to(work)
+    states = torch.gather(states, 1, image_index[..., None].expand(-1, -1, d)).to(work)  # (B, V, D)
+    return (picked * states).sum(-1).transpose(0, 1)
 
 
 def grad_x_hidden(
@@ -147,15 +166,13 @@ def grad_x_hidden(
         Layer → ``(B, T, V)``.
 
     """
-    index = image_index[:, None, :]  # (B, 1, V)
     parts: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
     last = num_layers - 1
     direct = [k for k in layers if k != last]
     if direct:
         for _, _, grads in batched_grads(final, [inputs[k] for k in direct], chunk):
             for k, g in zip(direct, grads, strict=True):  # g: (c, B, N, D)
-                product = (g * inputs[k].detach()).sum(-1).transpose(0, 1)  # (B, c, N)
-                parts[k].append(torch.gather(product, 2, index.expand(-1, product.shape[1], -1)))
+                parts[k].append(image_dot(g, inputs[k].detach(), image_index))
     if last in layers:
         out, key, value = record.outputs[last], record.keys[last], record.values[last]
         (delta,) = torch.autograd.grad(final.sum(), out, retain_graph=True)  # (B, N, H, D)
@@ -170,6 +187,7 @@ def grad_x_hidden(
             g_key, g_value = torch.autograd.grad(
                 out, [key, value], seed, retain_graph=True, is_grads_batched=True, materialize_grads=True
             )  # (c, B, H_kv, N, D)
-            product = (g_key * key.detach()).sum((2, 4)) + (g_value * value.detach()).sum((2, 4))  # (c, B, N)
-            parts[last].append(torch.gather(product.transpose(0, 1), 2, index.expand(-1, c, -1)))
+            g_key, g_value = (g.transpose(2, 3).flatten(3) for g in (g_key, g_value))  # (c, B, N, H_kv·D)
+            key_rows, value_rows = (x.detach().transpose(1, 2).flatten(2) for x in (key, value))
+            parts[last].append(image_dot(g_key, key_rows, image_index) + image_dot(g_value, value_rows, image_index))
     return {k: torch.cat(parts[k], dim=1) for k in layers}

@@ -18,6 +18,7 @@ from torch import nn
 
 from dexar.trace.attention import CAPTURE_NAME, GIVEN_NAME, AttentionCall, Session, active, attend, given
 from dexar.trace.plan import Capture, Input
+from dexar.trace.precision import upcast, working_dtype
 
 if TYPE_CHECKING:
     from dexar.adapters.base import TeacherForcedBatch, VLMAdapter
@@ -180,10 +181,12 @@ def rerun_answer_rows(
     times the full pass's values), and everything after attention (output projection, residuals,
     norms, MLP) is row-local, so the rows equal the full pass's rows while the graph holds ``T`` rows
     instead of ``N``. Memory: ``L·T·(D + MLP width)`` instead of ``L·N·(…)``. The layer's ``forward`` is
-    called directly, so its hooks do not run again.
+    called directly, so its hooks do not run again. On a bf16/fp16 model the re-run computes in float32
+    (:mod:`dexar.trace.precision`; ``T`` rows, cheap): the logit lens then reads float32 rows.
     """
     rows = session.rows
     hidden = (args[0] if args else kwargs["hidden_states"]).detach()[:, rows]
+    hidden = hidden.to(working_dtype(hidden.dtype))
     rows_kwargs = without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"})
     if "position_embeddings" in rows_kwargs:  # (cos, sin): sequence on dim -2 (also M-RoPE's (3, B, N, d))
         rows_kwargs["position_embeddings"] = _slice_sequence(rows_kwargs["position_embeddings"], n, rows, -2)
@@ -193,6 +196,6 @@ def rerun_answer_rows(
     leaf = session.record.rows[index]
     values = session.record.row_values.pop(index)
     with given_attention(config, lambda call: attend(call.module, leaf, values, call.query.dtype)):
-        with torch.enable_grad():
+        with torch.enable_grad(), upcast():
             out = layer.forward(hidden, *args[1:], **rows_kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dexar.trace.precision import upcast, working_dtype
+
 if TYPE_CHECKING:
     from dexar.adapters.base import VLMAdapter
 
@@ -24,24 +26,31 @@ def layer_lens(adapter: VLMAdapter, rows: list[torch.Tensor], answer_ids: torch.
         answer_ids: ``(B, T)`` the answer token ``w_t`` read at each row; padding ``-1``.
 
     One graph per layer: a backward from one layer's slice of a stacked ``(B, L, T)`` tensor would also
-    push zero gradients down every other layer.
+    push zero gradients down every other layer. The read-out runs in float32 on a bf16/fp16 model
+    (:mod:`dexar.trace.precision`): ``λ_t`` is a difference of maxima of these logits' gradients.
     """
     answer_mask = answer_ids >= 0
     ids = answer_ids.clamp(min=0)
-    unembed = adapter.unembedding.weight[ids]  # (B, T, D)
+    work = working_dtype(adapter.unembedding.weight.dtype)
+    unembed = adapter.unembedding.weight[ids].to(work)  # (B, T, D)
     bias = getattr(adapter.unembedding, "bias", None)
     lens = []
-    for hidden in rows:
-        values = (adapter.final_norm(hidden) * unembed.to(hidden.dtype)).sum(-1)  # (B, T)
-        if bias is not None:
-            values = values + bias[ids]
-        lens.append(values * answer_mask)
+    with upcast():
+        for hidden in rows:
+            values = (adapter.final_norm(hidden.to(work)).to(work) * unembed).sum(-1)  # (B, T)
+            if bias is not None:
+                values = values + bias[ids].to(work)
+            lens.append(values * answer_mask)
     return lens
 
 
 def log_probs(adapter: VLMAdapter, rows: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """``log p(w_t)`` from the last layer's output rows ``(B, T, D)``, float32 or wider; 0 on padding slots."""
-    logits = adapter.unembedding(adapter.final_norm(rows))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """``log p(w_t)`` from the last layer's output rows ``(B, T, D)``, float32 or wider; 0 on padding slots.
+
+    The final norm and the unembedding run in float32 on a bf16/fp16 model (:mod:`dexar.trace.precision`).
+    """
+    with upcast():
+        logits = adapter.unembedding(adapter.final_norm(rows.to(working_dtype(rows.dtype))))
+    logits = logits.to(working_dtype(logits.dtype))
     picked = logits.log_softmax(-1).gather(-1, answer_ids.clamp(min=0)[..., None])[..., 0]
     return picked * (answer_ids >= 0)

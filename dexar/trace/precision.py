@@ -1,0 +1,91 @@
+"""Read-outs in float32 on a bf16/fp16 model: the few rows whose small differences the methods compare.
+
+A bf16 logit has about three significant digits: DEX-AR's ``λ_t = ReLU(max m_V − max m_T)`` and the
+log-likelihood differences of RISE, IG and IIA are differences of nearly equal numbers, and bf16 maps
+min-max normalised in bf16 take only 256 distinct values per octave (their ties bias the pixel order
+of the perturbation metrics). The cheap fix is to run the *read-outs* in float32: the logit lens and
+the log-likelihood (``T`` rows through the final norm and the unembedding) and the answer-rows re-run
+(``T`` rows through one layer), while the full ``N``-row forward stays in the model's dtype.
+
+:func:`working_dtype` is the precision of a read-out (float32, or the model's own if wider: float64
+references stay float64). Inside :func:`upcast`, a linear, layer norm or embedding whose input is wider
+than its parameters runs in the input's precision; the parameters are cast on the fly (a linear saves
+its low-precision weight for the backward, not a float32 copy, so the graph costs no extra weight memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or ``dtype`` if it is wider (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _WideLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` in ``x``'s precision; the backward (w.r.t. ``x`` only: parameters are frozen) reuses ``W``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def _narrower(x: Any, *params: Any) -> bool:
+    """Whether ``x`` is a floating tensor wider than some floating parameter."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False
+    return any(
+        isinstance(p, torch.Tensor) and p.is_floating_point() and x.element_size() > p.element_size() for p in params
+    )
+
+
+class _Upcast(TorchFunctionMode):
+    """Linear / layer norm of a wider input run in the input's precision (see :func:`upcast`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _narrower(x, weight):
+                if weight.requires_grad or (bias is not None and bias.requires_grad):
+                    raise RuntimeError("dexar.trace.precision.upcast: parameters must be frozen")
+                return _WideLinear.apply(x, weight, bias)
+        elif func is F.layer_norm:
+            x = args[0]
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            call = dict(zip(names, args, strict=False)) | kwargs
+            if _narrower(x, call.get("weight"), call.get("bias")):
+                for name in ("weight", "bias"):
+                    if call.get(name) is not None:
+                        call[name] = call[name].to(x.dtype)
+                return func(**call)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def upcast() -> Iterator[None]:
+    """Linear layers and layer norms fed a wider input compute in its precision (parameters cast on the fly).
+
+    RMS norms need nothing: they compute in float32 and multiply by their weight, which promotes.
+    """
+    with _Upcast():
+        yield
