@@ -14,7 +14,7 @@ wider: :func:`dexar.trace.precision.working_dtype`), ``s`` the model's element s
   ``(B, T, L, N, N)`` products accumulate.
 
 The peak is the largest of a few phases (forward, backward, stacking); :func:`trace_peak_bytes`
-returns it. ``tests/test_memory.py`` compares it with the peak measured on the CPU allocator
+returns it. ``tests/trace/test_memory.py`` compares it with the peak measured on the CPU allocator
 (:func:`measured_peak_bytes`) for tiny models in float32 and bf16.
 """
 

@@ -18,7 +18,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from adapter_checks import assert_exact
 from PIL import Image
 from transformers import AutoTokenizer, LlamaTokenizerFast
 
@@ -29,6 +28,7 @@ from dexar.labels import sample_token_labels
 from dexar.methods import DexAR
 from dexar.pipeline.evaluation import Evaluator
 from dexar.schema import Sample
+from dexar.testing.adapter_checks import assert_exact
 from dexar.testing.llava import random_llava, vlm_tokenizer
 from dexar.testing.vlms import random_llava_next
 from dexar.words import segment_words

@@ -10,7 +10,7 @@ import torch
 from datamodules.shapes import make_shapes_sample
 from dexar.adapters import get_adapter
 from dexar.methods import METHODS, build_method
-from dexar.testing import random_llava
+from dexar.testing.llava import random_llava
 from dexar.trace import run as run_trace
 from dexar.trace.memory import KNOWN_MODELS, ModelDims, measured_peak_bytes, trace_peak_bytes
 
