@@ -135,7 +135,7 @@ def test_rerun_of_a_finished_run_recomputes_nothing(tiny_checkpoint, uninterrupt
 
 def test_sigkilled_process_resumes_to_the_same_results(tiny_checkpoint, uninterrupted, tmp_path):
     script = (
-        "import sys, time; sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + '/tests')\n"
+        "import sys, time; sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + '/tests/pipeline')\n"
         "from lightning.pytorch.callbacks import Callback\n"
         "import torch\n"
         "import test_resume as t\n"
@@ -247,7 +247,7 @@ def test_sigkilled_ddp_run_resumes_to_the_uninterrupted_results(
     nothing to do (it used to abort: gloo collective mismatch in Timing) and the results are exactly
     those of the uninterrupted two-process run."""
     script = (
-        "import sys; sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + '/tests')\n"
+        "import sys; sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + '/tests/pipeline')\n"
         "import test_resume as t\n"
         "t._run(sys.argv[1], t.Path(sys.argv[2]), t.SlowRank(0, 60.0), devices=2)\n"
     )
