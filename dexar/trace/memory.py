@@ -5,7 +5,7 @@ Each term below names the tensor it counts (shape × element size) in :mod:`dexa
 is the working precision of the attention probabilities and read-outs (float32, or the model's dtype if
 wider: :func:`dexar.trace.precision.working_dtype`), ``s`` the model's element size. Two plans are modelled:
 
-* ``dexar`` (the default needs: ``attention_rows``, ``layer_grads``, row-local layers): the forward runs
+* ``default`` (the default needs, DEX-AR's: ``attention_rows``, ``layer_grads``, row-local layers): the forward runs
   without autograd, each layer keeps its answer rows ``(B, H, T, N)·w`` (a leaf) and the graph of its
   ``T``-row float32 re-run; one backward gives ``(B, H, T, N)`` gradients per layer, stacked.
 * ``shared`` (every method's needs at once: ``final_logit_grads``, ``full_attention``, ``hidden_states``,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-PLANS = ("dexar", "shared")
+PLANS = ("default", "shared")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def trace_peak_bytes(
     tokens: int,
     answer: int,
     batch: int = 1,
-    plan: str = "dexar",
+    plan: str = "default",
     dtype: torch.dtype = torch.bfloat16,
     grad_chunk: int = 1,
 ) -> int:
@@ -122,7 +122,7 @@ def trace_peak_bytes(
         tokens: Sequence length ``N`` (image + text tokens, answer included).
         answer: Answer tokens ``T``.
         batch: Samples per trace ``B``.
-        plan: ``"dexar"`` or ``"shared"`` (every method's needs; see the module docstring).
+        plan: ``"default"`` (DEX-AR's needs) or ``"shared"`` (every method's needs; see the module docstring).
         dtype: The model's parameter dtype.
         grad_chunk: Answer tokens per batched final-logit backward (``shared``).
 
@@ -139,7 +139,7 @@ def trace_peak_bytes(
     rows = h * t * n * w  # one layer's answer rows (B, H, T, N), per sample
     value_copy = h * n * d * w  # V in w (after repeat_kv) saved by probs @ V
     key_copy = h * n * d * w  # K in w, a transient of attention_probs
-    if plan == "dexar":
+    if plan == "default":
         rerun = _layer_rows_bytes(dims, t, w) + value_copy  # T-row float32 re-run, graph kept
         kept = big_l * (rows + rerun)
         # + the capture's K in w, its scores and softmax (and the masked copy when the batch is padded)

@@ -51,7 +51,7 @@ def test_predicted_peak_within_25_percent_of_measured(dtype):
         for count in (1, 3):
             batch = _batch(adapter, count, answer)
             n, t = batch.input_ids.shape[1], batch.answer_ids.shape[1]
-            for plan, needs in (("dexar", None), ("shared", SHARED)):
+            for plan, needs in (("default", None), ("shared", SHARED)):
                 call = partial(run_trace, adapter, batch)
                 if needs is not None:
                     call = partial(run_trace, adapter, batch, needs, 1)
