@@ -158,16 +158,18 @@ def token_strip(
     """One overlay per answer token or word, left to right, each labelled with its text and weight.
 
     Called with an explanation's word view (``word_maps``, ``word_texts``, ``word_weights``) it draws one
-    panel per word, labelled with the word (``potted``, not ``p`` ``otted``); ``tile`` px per panel.
+    panel per word, labelled with the word (``potted``, not ``p`` ``otted``). Each panel is ``tile`` px
+    high and keeps the image's aspect ratio (a 4:3 image gives ``4/3 · tile`` px wide panels).
     """
-    small = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
+    width = max(1, round(tile * image.width / image.height))
+    small = image.convert("RGB").resize((width, tile), Image.Resampling.BILINEAR)
     tiles = [
-        _with_text(blend(small, m), [fit(tok.replace("\n", "\\n"), tile - 6), f"w={float(w):.3g}"])
+        _with_text(blend(small, m), [fit(tok.replace("\n", "\\n"), width - 6), f"w={float(w):.3g}"])
         for m, tok, w in zip(token_maps, tokens, weights, strict=True)
     ]
     if not tiles:
-        return _with_text(small, [fit(empty, tile - 6)])
-    strip = Image.new("RGB", (tile * len(tiles), tiles[0].height), "white")
+        return _with_text(small, [fit(empty, width - 6)])
+    strip = Image.new("RGB", (width * len(tiles), tiles[0].height), "white")
     for i, t in enumerate(tiles):
-        strip.paste(t, (i * tile, 0))
+        strip.paste(t, (i * width, 0))
     return strip

@@ -241,6 +241,7 @@ def test_overlays_show_the_placed_map(shapes, tmp_path):
     assert np.abs(saved[left] - zero[left]).max() <= 1
     assert np.abs(stretched[left] - zero[left]).max() > 10  # the stretch coloured it
     strip = np.asarray(Image.open(tmp_path / "tokens.png").convert("RGB")).astype(int)
-    zeros = np.asarray(blend(sample.image.resize((128, 128), Image.BILINEAR), torch.zeros(128, 128))).astype(int)
-    assert np.abs(strip[:128, :28] - zeros[:128, :28]).max() <= 1  # first token's tile: squashed margin
+    assert strip.shape[1] == 256 * len(exp.tokens)  # 128 px high panels at the image's 2:1 aspect ratio
+    zeros = np.asarray(blend(sample.image.resize((256, 128), Image.BILINEAR), torch.zeros(128, 256))).astype(int)
+    assert np.abs(strip[:128, :60] - zeros[:128, :60]).max() <= 1  # first token's panel: the unseen margin
     assert json.loads((tmp_path / "explanation.json").read_text())["geometry"]["seen_box"] == [0.0, 32.0, 64.0, 96.0]
