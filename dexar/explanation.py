@@ -75,15 +75,19 @@ class Explanation:
         """The words' texts."""
         return [w.text for w in self.word_list]
 
+    def word_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`word_maps` and :attr:`word_weights` from one aggregation (for callers that need both)."""
+        return word_aggregate(self.token_maps, self.token_weights, self.word_list)
+
     @property
     def word_maps(self) -> torch.Tensor:
         """``(W, h, w)`` one map per word in [0, 1] (see the class docstring)."""
-        return word_aggregate(self.token_maps, self.token_weights, self.word_list)[0]
+        return self.word_view()[0]
 
     @property
     def word_weights(self) -> torch.Tensor:
         """``(W,)`` one weight per word: the max λ of its pieces."""
-        return word_aggregate(self.token_maps, self.token_weights, self.word_list)[1]
+        return self.word_view()[1]
 
     def placement(self, size: tuple[int, int]) -> MapGeometry:
         """The geometry that places the maps on the image drawn at ``size`` (the whole image when unknown)."""
@@ -153,8 +157,8 @@ class Explanation:
         if self.image is not None:
             placed = self.upsample((self.image.height, self.image.width))  # maps on the pixels the model saw
             overlay(self.image, placed.sequence_map, caption=self.answer).save(directory / "sequence.png")
-            words, weights = placed.word_texts, placed.word_weights
-            strip = token_strip(self.image, placed.word_maps, words, weights, empty="(no answer words)")
+            word_maps, word_weights = placed.word_view()
+            strip = token_strip(self.image, word_maps, placed.word_texts, word_weights, empty="(no answer words)")
             strip.save(directory / "words.png")
             token_strip(self.image, placed.token_maps, self.tokens, self.token_weights).save(directory / "tokens.png")
         if html:

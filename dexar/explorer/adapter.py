@@ -155,7 +155,7 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
     segmented = getattr(explanation, "words", None)
     if segmented is not None:
         groups = [list(w.pieces) for w in segmented]
-        word_maps, word_weights = _numpy(explanation.word_maps), _numpy(explanation.word_weights)
+        word_maps, word_weights = (_numpy(x) for x in explanation.word_view())
     else:
         groups = group_pieces(tokens, getattr(explanation, "answer", "") or "")
     if filler is not None and len(filler) != len(groups):

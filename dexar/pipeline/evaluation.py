@@ -330,9 +330,10 @@ def _feed_filler(ev: Evaluator, label: str, names: list[str], sample: Sample, ex
     labels = ev.word_labels(sample, exp)
     if labels is not None:
         content = torch.tensor([m is not None for m in labels])
-        mass = exp.word_maps.double().flatten(1).sum(1)  # Σ_pixels of each word's min-max map
+        word_maps, word_weights = exp.word_view()
+        mass = word_maps.double().flatten(1).sum(1)  # Σ_pixels of each word's min-max map
         for name in names:
-            ev.metrics[label][name].update([exp.word_weights.double()], [content], [mass])
+            ev.metrics[label][name].update([word_weights.double()], [content], [mass])
             ev.rows[label][name].append(sample.id)
 
 

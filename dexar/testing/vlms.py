@@ -175,7 +175,7 @@ def random_llava_next(
     """A random LLaVA-NeXT (CLIP tower + Llama) with anyres tiles of ``tile`` pixels (``tile/patch`` tokens a side).
 
     Grid pinpoints: 1×2, 2×1 and 2×2 tiles, so the tile layout depends on the image's aspect ratio.
-    ``tokenizer``: as :func:`dexar.testing.random_llava`'s (default: the Shapes word tokenizer).
+    ``tokenizer``: as :func:`dexar.testing.llava.random_llava`'s (default: the Shapes word tokenizer).
     """
     tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer()
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
