@@ -34,7 +34,7 @@ from dexar.generation import generate_answers  # noqa: E402
 from dexar.labels import sample_token_labels  # noqa: E402
 from dexar.methods import DexAR  # noqa: E402
 from dexar.schema import Sample  # noqa: E402
-from dexar.shapes.model import IMAGE_SIZE  # noqa: E402
+from dexar.shapes.vocabulary import IMAGE_SIZE  # noqa: E402
 from dexar.trace import run as run_trace  # noqa: E402
 from metrics.functional import energy_pointing_game  # noqa: E402
 

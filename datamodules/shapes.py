@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from dexar.schema import Sample, collate_samples
-from dexar.shapes.model import (
+from dexar.shapes.vocabulary import (
     CAPTION_PROMPT,
     COLOR_QUESTION,
     COLORS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,13 @@ def test_the_library_imports_with_lightning_blocked():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_shapes_dataset_imports_the_shapes_vocabulary_a_leaf():
+    """``datamodules/shapes.py`` takes the Shapes language from ``dexar.shapes.vocabulary``, which imports the
+    standard library only (no torch, no transformers, no model), and not from the model or its tokenizer."""
+    vocabulary = imported_names(ROOT / "dexar" / "shapes" / "vocabulary.py")
+    assert vocabulary and all(name.split(".")[0] in sys.stdlib_module_names for name in vocabulary), vocabulary
+    dataset = imported_names(ROOT / "datamodules" / "shapes.py")
+    assert "dexar.shapes.vocabulary" in dataset
+    assert not dataset & {"dexar.shapes.model", "dexar.shapes.tokenizer", "transformers", "tokenizers"}, dataset

@@ -13,7 +13,7 @@ from datamodules.fixtures import drain, make_voc
 from datamodules.shapes import make_shapes_sample
 from datamodules.voc import PascalVOCQADataModule, qa_answer
 from dexar.labels import sample_token_labels, token_labels
-from dexar.shapes.model import build_word_tokenizer
+from dexar.testing.word_tokenizer import shapes_word_tokenizer
 
 CORPUS = [
     "I see a bus as well as a car as well as a person",
@@ -52,7 +52,7 @@ def _pieces(tokenizer, labels, keep) -> str:
 
 
 def test_word_tokenizer_one_token_per_word():
-    tok = build_word_tokenizer()
+    tok = shapes_word_tokenizer()
     sample = make_shapes_sample(3, "test")
     labels = sample_token_labels(sample, tok)
     assert labels.tokens == sample.answer.split()
@@ -99,7 +99,7 @@ def test_voc_qa_sample_token_masks(bpe, tmp_path):
 
 
 def test_errors():
-    tok = build_word_tokenizer()
+    tok = shapes_word_tokenizer()
     with pytest.raises(ValueError, match="3 words"):
         token_labels(tok, "i see a", [False, True])
     with pytest.raises(ValueError, match="fast tokenizer"):

@@ -18,9 +18,9 @@ from dexar.explain import Explainer
 from dexar.explanation import Explanation
 from dexar.methods import DexAR
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
-from dexar.shapes.model import build_word_tokenizer
 from dexar.shapes.tokenizer import train_shapes_tokenizer
 from dexar.testing.llava import random_llava
+from dexar.testing.word_tokenizer import shapes_word_tokenizer
 from dexar.words import Word, segment_words, word_aggregate
 
 
@@ -47,7 +47,7 @@ def test_shapes_bpe_words_are_the_answer_words(bpe):
 
 
 def test_word_level_tokenizer_every_token_is_a_word():
-    tok = build_word_tokenizer()
+    tok = shapes_word_tokenizer()
     ids = tok("a red circle and a blue square", add_special_tokens=False)["input_ids"]
     assert [w.text for w in segment_words(tok, ids)] == "a red circle and a blue square".split()
     assert [(w.start, w.end) for w in segment_words(tok, ids)] == [(t, t + 1) for t in range(7)]

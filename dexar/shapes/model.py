@@ -4,73 +4,31 @@ It is built like LLaVA-1.5 at a small scale: a SentencePiece-style BPE wrapped a
 (:mod:`dexar.shapes.tokenizer`), the LLaVA-1.5 prompt template, and ``llava-hf``'s CLIP image
 processing (resize the shortest edge, center crop, CLIP mean/std) at 64 pixels, so
 ``AutoProcessor``/``AutoModelForImageTextToText`` load the saved directory like any LLaVA checkpoint.
-This module also defines the Shapes language (colours, shapes, prompts, caption grammar).
+The Shapes language (colours, shapes, prompts, caption grammar, words) is :mod:`dexar.shapes.vocabulary`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
+
+from dexar.shapes.vocabulary import IMAGE_SIZE
 
 SHAPES_CHECKPOINT: str = str(Path(__file__).parents[1] / "assets" / "shapes-llava")
 """Path of the bundled, trained Shapes checkpoint (an HF directory ``from_pretrained`` loads)."""
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-IMAGE_SIZE = 64
 PATCH_SIZE = 8
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-CAPTION_PROMPT = "describe the image."
-COLOR_QUESTION = "what color is the {shape}?"
-SHAPE_QUESTION = "what shape is the {color} object?"
-
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-WORDS = [
-    "user",
-    ":",
-    "assistant",
-    "describe",
-    "the",
-    "image",
-    ".",
-    "what",
-    "color",
-    "shape",
-    "is",
-    "object",
-    "?",
-    "i",
-    "see",
-    "a",
-    "and",
-    *COLORS,
-    *SHAPES,
-]
-
-
-def caption(objects: Sequence[tuple[str, str]]) -> str:
-    """The caption of ``(colour, shape)`` objects listed left to right: ``i see a red circle and a blue square``."""
-    return " and ".join([f"i see a {c} {s}" if not k else f"a {c} {s}" for k, (c, s) in enumerate(objects)])
 
 
 def tokenizer_specials() -> dict[str, Any]:
@@ -83,23 +41,6 @@ def tokenizer_specials() -> dict[str, Any]:
         "padding_side": "left",
         "extra_special_tokens": {"image_token": "<image>"},
     }
-
-
-def build_word_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the Shapes words (:data:`WORDS`), adding ``<s>`` in front.
-
-    One word is one token: the random test models use it (:mod:`dexar.testing`); the bundled model has
-    the sub-word tokenizer of :mod:`dexar.shapes.tokenizer`.
-    """
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_specials())
-    return fast
 
 
 def build_shapes_config(tokenizer: Any) -> LlavaConfig:

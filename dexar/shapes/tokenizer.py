@@ -27,18 +27,15 @@ from tokenizers.models import BPE
 from transformers import CLIPImageProcessorPil, LlamaTokenizerFast, LlavaProcessor
 
 from dexar.adapters.llava import LlavaAdapter
-from dexar.shapes.model import (
+from dexar.shapes.model import CLIP_MEAN, CLIP_STD, PATCH_SIZE, tokenizer_specials
+from dexar.shapes.vocabulary import (
     CAPTION_PROMPT,
-    CLIP_MEAN,
-    CLIP_STD,
     COLOR_QUESTION,
     COLORS,
     IMAGE_SIZE,
-    PATCH_SIZE,
     SHAPE_QUESTION,
     SHAPES,
     caption,
-    tokenizer_specials,
 )
 
 BPE_VOCAB_SIZE = 100

@@ -13,7 +13,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dexar.shapes.model import build_word_tokenizer
+from dexar.testing.weights import scale_weights
+from dexar.testing.word_tokenizer import shapes_word_tokenizer
 
 
 def vlm_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -87,7 +88,7 @@ def random_llava(
             Shapes word tokenizer (one token per word).
 
     """
-    tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else shapes_word_tokenizer()
     side = grid * patch
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -110,11 +111,7 @@ def random_llava(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-        # Random init is tiny; scale it up so that attention is far from uniform.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.ndim == 2 and "embed" not in name:
-                    param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
+        scale_weights(model)  # random init is tiny: attention would be near uniform
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,15 +1,13 @@
 """Tiny random PaliGemma and Florence-2 models built from the real ``transformers`` classes (tests, benchmarks).
 
-Nothing is downloaded: the tokenizers are word-level ``tokenizers`` models wrapped in
-``PreTrainedTokenizerFast`` and the processors are the families' own processor classes, so a saved
-directory loads through ``AutoProcessor`` / ``AutoModelForImageTextToText`` like a hub checkpoint.
+Nothing is downloaded: the tokenizers are word-level (:func:`~dexar.testing.word_tokenizer.word_tokenizer`)
+and the processors are the families' own processor classes, so a saved directory loads through
+``AutoProcessor`` / ``AutoModelForImageTextToText`` like a hub checkpoint.
 """
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
 from transformers import (
     BartConfig,
     CLIPImageProcessorPil,
@@ -21,12 +19,15 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
-    PreTrainedTokenizerFast,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
 
-WORDS = (
+from dexar.shapes.vocabulary import COLORS, SHAPES
+from dexar.testing.weights import scale_weights
+from dexar.testing.word_tokenizer import NEWLINE_AND_PUNCTUATION, word_tokenizer
+
+PROMPT_WORDS = (
     "cap",
     "describe",
     "in",
@@ -39,13 +40,8 @@ WORDS = (
     "a",
     "an",
     "and",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "circle",
-    "square",
-    "triangle",
+    *COLORS,
+    *SHAPES,
     "left",
     "right",
     "top",
@@ -57,42 +53,8 @@ WORDS = (
     "?",
     "\n",
 )
-
-
-def word_tokenizer(specials: list[str], image_token: str, words: tuple[str, ...] = WORDS) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer (newline and punctuation are tokens); no special tokens added.
-
-    Args:
-        specials: Special tokens in id order; must contain ``<pad>``, ``<unk>``, ``<s>`` / ``<bos>`` and an
-            end-of-sequence token (``</s>`` or ``<eos>``).
-        image_token: The image placeholder (appended after ``specials`` if absent).
-        words: The vocabulary.
-
-    """
-    tokens = list(specials) + ([image_token] if image_token not in specials else []) + list(words)
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
-    bos = "<bos>" if "<bos>" in vocab else "<s>"
-    eos = "<eos>" if "<eos>" in vocab else "</s>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": image_token},
-    )
-
-
-def _scale_weights(model: torch.nn.Module, gain: float = 1.5) -> None:
-    """Random init is tiny; scale matrices up so that attention is far from uniform."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "embed" not in name:
-                param.normal_(0.0, gain / param.shape[1] ** 0.5)
+"""The PaliGemma and Florence-2 test vocabulary after the special tokens: their task prompts' words, the
+Shapes colours and shapes (:mod:`dexar.shapes.vocabulary`), positions, punctuation and the newline."""
 
 
 def random_paligemma(
@@ -120,7 +82,13 @@ def random_paligemma(
         seed: Initialisation seed.
 
     """
-    tokenizer = word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], "<image>")
+    tokenizer = word_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>", *PROMPT_WORDS],
+        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     side = grid * patch
     image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
     image_processor.image_seq_length = grid * grid
@@ -159,7 +127,7 @@ def random_paligemma(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = PaliGemmaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-        _scale_weights(model)
+        scale_weights(model)
     model = model.to(dtype).eval()
     for module in model.modules():  # Gemma's embed_scale: built in float32 then cast; a load computes it in dtype
         if hasattr(module, "scalar_embed_scale"):
@@ -199,7 +167,13 @@ def random_florence2(
         seed: Initialisation seed.
 
     """
-    tokenizer = word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], "<image>")
+    tokenizer = word_tokenizer(
+        ["<s>", "<pad>", "</s>", "<unk>", "<image>", *PROMPT_WORDS],
+        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     grid = image_size // 8
     image_processor = CLIPImageProcessorPil(
         size={"height": image_size, "width": image_size},
@@ -247,7 +221,7 @@ def random_florence2(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Florence2ForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-        _scale_weights(model)
+        scale_weights(model)
     model = model.to(dtype).eval()
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, 0

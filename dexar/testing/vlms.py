@@ -1,15 +1,13 @@
 """Tiny random Qwen2-VL / Qwen2.5-VL, LLaVA-NeXT and Idefics3 / SmolVLM models for tests.
 
-Built from the real ``transformers`` classes with a word-level tokenizer over the Shapes vocabulary
-plus each family's special tokens, and the family's own image processor (PIL backend), so nothing is
-downloaded.
+Built from the real ``transformers`` classes with a word-level tokenizer
+(:func:`~dexar.testing.word_tokenizer.word_tokenizer`) over the Shapes words plus each family's special
+tokens, and the family's own image processor (PIL backend), so nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -22,7 +20,6 @@ from transformers import (
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -34,47 +31,12 @@ from transformers import (
 )
 
 from dexar.adapters.processing import ImageTextProcessor
-from dexar.shapes.model import WORDS, build_word_tokenizer
+from dexar.shapes.vocabulary import WORDS
 from dexar.testing.llava import tiny_llama_config
+from dexar.testing.weights import scale_weights
+from dexar.testing.word_tokenizer import shapes_word_tokenizer, word_tokenizer
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-def word_tokenizer(specials: list[str], extra_words: tuple[str, ...] = (), **tokens: str) -> PreTrainedTokenizerFast:
-    """Lower-casing word-level tokenizer: ``<pad>``, ``<unk>``, ``specials``, the Shapes words, ``extra_words``.
-
-    Args:
-        specials: Special tokens (never split, never lower-cased).
-        extra_words: More plain words.
-        **tokens: Named special tokens (``eos_token=...``, ``image_token=...``) passed to the tokenizer.
-
-    """
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", *specials, *WORDS, *extra_words])}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    named = {k: v for k, v in tokens.items() if k in ("eos_token", "bos_token")}
-    extra = {k: v for k, v in tokens.items() if k not in named}
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens=extra or None,
-        **named,
-    )
-    fast.add_special_tokens({"additional_special_tokens": list(specials)})
-    return fast
-
-
-def sharpen(model: nn.Module, seed: int) -> None:
-    """Re-draw the 2-D weights (not the embeddings) with std ``1.5/sqrt(fan_in)``: attention far from uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "embed" not in name:
-                value = torch.randn(param.shape, generator=gen, dtype=torch.float64) * 1.5 / param.shape[1] ** 0.5
-                param.copy_(value.to(param.dtype))
 
 
 def random_qwen2_vl(
@@ -95,11 +57,10 @@ def random_qwen2_vl(
     each image's token grid depends on its size (dynamic resolution).
     """
     tokenizer = word_tokenizer(
-        QWEN_SPECIALS,
-        ("system", "you", "are", "helpful"),
+        ["<pad>", "<unk>", *QWEN_SPECIALS, *WORDS, "system", "you", "are", "helpful"],
+        specials=QWEN_SPECIALS,
         eos_token="<|im_end|>",
-        image_token="<|image_pad|>",
-        video_token="<|video_pad|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = dict(
@@ -146,7 +107,7 @@ def random_qwen2_vl(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="sdpa")
-    sharpen(model, seed)
+    scale_weights(model, seed=seed)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [model.config.image_token_id]  # random weights: never an image token
@@ -177,7 +138,7 @@ def random_llava_next(
     Grid pinpoints: 1×2, 2×1 and 2×2 tiles, so the tile layout depends on the image's aspect ratio.
     ``tokenizer``: as :func:`dexar.testing.llava.random_llava`'s (default: the Shapes word tokenizer).
     """
-    tokenizer = tokenizer if tokenizer is not None else build_word_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else shapes_word_tokenizer()
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -202,7 +163,7 @@ def random_llava_next(
         model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa")
         with torch.no_grad():
             model.model.image_newline.normal_()
-    sharpen(model, seed)
+    scale_weights(model, seed=seed)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [model.config.image_token_id]  # random weights: never an image token
@@ -252,7 +213,11 @@ def random_idefics3(
     processor (torchvision), so it comes as an :class:`ImageTextProcessor`.
     """
     tokenizer = word_tokenizer(
-        IDEFICS3_SPECIALS, eos_token="<end_of_utterance>", image_token="<image>", bos_token="<|im_start|>"
+        ["<pad>", "<unk>", *IDEFICS3_SPECIALS, *WORDS],
+        specials=IDEFICS3_SPECIALS,
+        eos_token="<end_of_utterance>",
+        bos_token="<|im_start|>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     vision = dict(
         hidden_size=32,
@@ -281,7 +246,7 @@ def random_idefics3(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="sdpa")
-    sharpen(model, seed)
+    scale_weights(model, seed=seed)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [model.config.image_token_id]  # random weights: never an image token

@@ -14,8 +14,8 @@ from dexar import SHAPES_CHECKPOINT, load_model
 from dexar.adapters import get_adapter
 from dexar.generation import generate_answers
 from dexar.methods import DexAR
-from dexar.shapes.model import IMAGE_SIZE
 from dexar.shapes.tokenizer import build_shapes_processor, train_shapes_tokenizer
+from dexar.shapes.vocabulary import IMAGE_SIZE
 from dexar.testing.reference import naive_dexar, naive_layer_grads
 from dexar.trace import run as run_trace
 

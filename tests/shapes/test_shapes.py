@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from datamodules.shapes import ASPECTS, ShapesDataModule, ShapesStream, make_shapes_sample, view_box, view_mask
-from dexar.shapes.model import COLORS, IMAGE_SIZE, SHAPES, WORDS
 from dexar.shapes.tokenizer import build_shapes_processor
+from dexar.shapes.vocabulary import COLORS, IMAGE_SIZE, SHAPES, WORDS
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,9 @@ from transformers import AutoProcessor, AutoTokenizer, LlamaTokenizerFast, PreTr
 
 from datamodules.shapes import make_shapes_sample
 from dexar.adapters import LlavaAdapter
-from dexar.shapes.model import (
-    CLIP_MEAN,
-    CLIP_STD,
-    COLORS,
-    IMAGE_SIZE,
-    SHAPES,
-    build_shapes_model,
-)
+from dexar.shapes.model import CLIP_MEAN, CLIP_STD, build_shapes_model
 from dexar.shapes.tokenizer import build_shapes_processor, train_shapes_tokenizer, word_pieces
+from dexar.shapes.vocabulary import COLORS, IMAGE_SIZE, SHAPES
 
 
 @pytest.fixture(scope="module")
