@@ -160,12 +160,12 @@ class HeatmapWriter(BasePredictionWriter):
     ) -> None:
         """One overlay sample's explorer page, every method side by side, with its metric values."""
         from dexar.explorer import payload_from_explanations
-        from dexar.explorer.adapter import filler_flags
+        from dexar.explorer.adapter import explanation_groups, filler_flags
         from dexar.explorer.predict import contribution_values, write_sample_page
 
         sample, index = sample_index
         first = next(iter(explanations.values()))
-        groups = None if first.words is None else [w.pieces for w in first.words]
+        groups = explanation_groups(first)
         filler = filler_flags(first.tokens, first.answer, sample.answer, sample.word_is_content, groups)
         payload = payload_from_explanations(explanations, image=sample.image, prompt=sample.prompt, filler=filler)
         metrics = contribution_values(contributions.get(sample.id, {}))

@@ -7,7 +7,9 @@ random LLaVA, so they run whichever Shapes checkpoint is bundled (word-level or 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,8 @@ from datamodules.shapes import make_shapes_sample
 from dexar.adapters import get_adapter
 from dexar.explain import Explainer
 from dexar.explanation import Explanation
+from dexar.explorer import payload_from_explanations
+from dexar.explorer.adapter import explanation_groups, filler_flags
 from dexar.methods import DexAR
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
 from dexar.shapes.tokenizer import train_shapes_tokenizer
@@ -93,6 +97,27 @@ def test_explained_sub_word_answer_has_a_word_view(subword_llava, tmp_path):
     saved = json.loads((tmp_path / "explanation.json").read_text())
     assert [w["text"] for w in saved["words"]] == exp.word_texts
     assert saved["word_weights"] == pytest.approx(exp.word_weights.tolist())
+
+
+def test_the_explorer_shows_the_words_the_explanation_saves(subword_llava):
+    """A sub-word answer: the explorer's words, their pieces, maps and weights are the Explanation's word view,
+    with the tokenizer's words and without them (then one word per piece, as the Explanation counts them)."""
+    model, processor = subword_llava
+    sample = make_shapes_sample(9, "test")
+    exp = Explainer(model, processor, {"dexar": DexAR()}).explain_samples([sample])["dexar"][0]
+    box = (0.0, 0.0, *map(float, sample.image.size))
+    for explanation in (exp, replace(exp, words=None)):
+        groups = explanation_groups(explanation)
+        assert groups == [list(w.pieces) for w in explanation.word_list]
+        filler = filler_flags(explanation.tokens, explanation.answer, sample.answer, sample.word_is_content, groups)
+        view = payload_from_explanations([explanation], filler=filler, grid_box=box).methods[0]
+        assert [w.display for w in view.words] == explanation.word_texts
+        assert [[p.text for p in w.pieces] for w in view.words] == [[exp.tokens[t] for t in g] for g in groups]
+        word_maps, word_weights = explanation.word_view()
+        assert np.allclose([w.weight for w in view.words], word_weights.numpy())
+        assert np.allclose(np.stack([w.map for w in view.words]), word_maps.numpy(), atol=1e-6)
+    assert len(explanation_groups(exp)) == len(sample.answer.split()) < len(exp.tokens)  # the sub-word case
+    assert filler_flags(exp.tokens, exp.answer, sample.answer, sample.word_is_content, explanation_groups(exp))
 
 
 def test_filler_and_token_localization_are_scored_on_words(subword_llava):

@@ -1,9 +1,10 @@
 """Today's :class:`~dexar.explanation.Explanation` objects → an :class:`ExplanationPayload`.
 
-An explanation with a word view (``Explanation.words``, segmented by the tokenizer, issue 15) gives the
-words, their maps and weights (``word_maps``, ``word_weights``); for explanation-like objects without one,
-this module groups the answer's tokens into whitespace-separated words itself (:func:`group_pieces`)
-and aggregates each word's pieces by the same rule:
+An :class:`~dexar.explanation.Explanation` gives its own word view (``word_list``: the tokenizer's words,
+issue 15, or one word per token when built without them; ``word_view()``: their maps and weights), so
+the page shows the words the explanation saves; for explanation-like objects without one, this module
+groups the answer's tokens into whitespace-separated words itself (:func:`group_pieces`) and aggregates
+each word's pieces by the same rule:
 
 * word weight = the max λ of its pieces (a word is as visual as its most visual piece);
 * word map = MinMax(Σ_i λ_i E_i), the λ-weighted sum of its pieces' maps (the plain sum when every λ
@@ -79,6 +80,18 @@ def group_pieces(tokens: Sequence[str], answer: str = "") -> list[list[int]]:
     return groups
 
 
+def explanation_groups(explanation: Any) -> list[list[int]]:
+    """Token indices of each word, as the explanation itself counts its words.
+
+    An :class:`~dexar.explanation.Explanation` has its word view (``word_list``: the tokenizer's words, or
+    one word per token when it was built without them), which its saved word maps and weights follow;
+    any other explanation-like object is grouped by :func:`group_pieces`.
+    """
+    if hasattr(explanation, "word_list"):
+        return [list(w.pieces) for w in explanation.word_list]
+    return group_pieces(list(explanation.tokens), getattr(explanation, "answer", "") or "")
+
+
 def filler_flags(
     tokens: Sequence[str],
     answer: str,
@@ -91,7 +104,7 @@ def filler_flags(
     The labels (``Sample.word_is_content``, one per whitespace word of ``labelled_answer``) apply only when
     the explained ``answer`` is that answer word for word (a teacher-forced ground truth; a generated
     answer that happens to match); special tokens (``</s>``) are their own words and get None. Otherwise
-    None: unknown. ``groups``: the words' token indices when known (``Explanation.words``).
+    None: unknown. ``groups``: the words' token indices (:func:`explanation_groups`); default: :func:`group_pieces`.
     """
     if word_is_content is None or labelled_answer is None or answer.split() != labelled_answer.split():
         return None
@@ -152,12 +165,11 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
             f"explanation {name!r}: {len(tokens)} tokens but token_maps {tuple(maps.shape)} and "
             f"token_weights {tuple(weights.shape)}"
         )
-    segmented = getattr(explanation, "words", None)
-    if segmented is not None:
-        groups = [list(w.pieces) for w in segmented]
+    groups = explanation_groups(explanation)
+    own_words = hasattr(explanation, "word_list")  # an Explanation: its word view's maps and weights
+    if own_words:
         word_maps, word_weights = (_numpy(x) for x in explanation.word_view())
-    else:
-        groups = group_pieces(tokens, getattr(explanation, "answer", "") or "")
+        segmented = explanation.words  # None: one word per piece, shown as its piece
     if filler is not None and len(filler) != len(groups):
         raise ValueError(f"explanation {name!r}: {len(filler)} filler flags for {len(groups)} words {tokens}")
     words = []
@@ -172,7 +184,7 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
             for t in group
         ]
         flag = None if filler is None else filler[k]
-        if segmented is None:
+        if not own_words:
             words.append(word_view(pieces, maps[group], weights[group], flag))
             continue
         words.append(
@@ -182,7 +194,7 @@ def method_view(explanation: Any, name: str | None = None, filler: Sequence[bool
                 map=word_maps[k],
                 filler=flag,
                 empty=all(p.empty for p in pieces),
-                text=segmented[k].text,
+                text=None if segmented is None else segmented[k].text,
             )
         )
     return MethodView(

@@ -20,18 +20,25 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dexar.words import BYTE_LEVEL_SPACE, METASPACE
+
 MapLike = Any
 """An ``(h, w)`` map: NumPy array, torch tensor (any device/dtype) or nested lists of floats."""
 
 MAP_TOLERANCE = 1e-4
 """Map values within this distance outside [0, 1] are clipped; further out is an error."""
 
-SPACE_MARKERS = "▁Ġ"
+SPACE_MARKERS = METASPACE + BYTE_LEVEL_SPACE
 """Word-start markers of SentencePiece (``▁``) and byte-level BPE (``Ġ``), removed for display."""
 
 
 def display_text(token: str) -> str:
-    """A token as a person reads it: without SentencePiece ``▁`` / byte-BPE ``Ġ`` markers (now spaces)."""
+    """A token string as a person reads it: without SentencePiece ``▁`` / byte-BPE ``Ġ`` markers (now spaces).
+
+    For token strings of any origin (explanation-like objects may hold raw pieces); an Explanation's
+    ``tokens`` are already readable (:func:`dexar.words.display_pieces` decodes them from the ids, with
+    the tokenizer), so this leaves them as they are.
+    """
     for marker in SPACE_MARKERS:
         token = token.replace(marker, " ")
     return token.strip() or token
