@@ -19,6 +19,7 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
+    PreTrainedTokenizerFast,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
@@ -57,6 +58,20 @@ PROMPT_WORDS = (
 Shapes colours and shapes (:mod:`dexar.shapes.vocabulary`), positions, punctuation and the newline."""
 
 
+def prompt_word_tokenizer(specials: list[str], bos_token: str, eos_token: str) -> PreTrainedTokenizerFast:
+    """PaliGemma's / Florence-2's test tokenizer: ``specials``, ``<image>``, then :data:`PROMPT_WORDS`.
+
+    Newlines and single punctuation marks are tokens (:data:`~dexar.testing.word_tokenizer.NEWLINE_AND_PUNCTUATION`).
+    """
+    return word_tokenizer(
+        [*specials, "<image>", *PROMPT_WORDS],
+        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
 def random_paligemma(
     hidden: int = 32,
     layers: int = 2,
@@ -82,13 +97,7 @@ def random_paligemma(
         seed: Initialisation seed.
 
     """
-    tokenizer = word_tokenizer(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>", *PROMPT_WORDS],
-        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = prompt_word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], bos_token="<bos>", eos_token="<eos>")
     side = grid * patch
     image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
     image_processor.image_seq_length = grid * grid
@@ -167,13 +176,7 @@ def random_florence2(
         seed: Initialisation seed.
 
     """
-    tokenizer = word_tokenizer(
-        ["<s>", "<pad>", "</s>", "<unk>", "<image>", *PROMPT_WORDS],
-        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = prompt_word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], bos_token="<s>", eos_token="</s>")
     grid = image_size // 8
     image_processor = CLIPImageProcessorPil(
         size={"height": image_size, "width": image_size},
