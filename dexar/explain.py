@@ -19,6 +19,7 @@ from dexar.generation import generate_answers
 from dexar.methods import Method, MethodOutput, build_method
 from dexar.schema import Sample
 from dexar.trace import run as run_trace
+from dexar.trace.memory import ModelDims, free_device_bytes, memory_plan, samples_per_trace
 from dexar.words import segment_words
 
 ANSWER_SOURCES = ("ground_truth", "generate")
@@ -33,6 +34,9 @@ class Explainer:
         methods: Method instances by name; default ``{"dexar": DexAR()}``.
         skip_unsupported: Drop the methods the architecture does not define (their label → reason in
             :attr:`skipped`) instead of raising. All dropped: :class:`DexarInputError` all the same.
+        trace_batch: Samples per trace (and per IIA forward): a batch is explained in sub-batches of
+            this many. ``None``: as many as the memory model (:func:`dexar.trace.memory.samples_per_trace`)
+            fits in the accelerator's free memory; the whole batch on the CPU.
 
     Raises:
         DexarInputError: A method the architecture does not define (one line), unless skipped.
@@ -45,7 +49,11 @@ class Explainer:
         processor: Any,
         methods: Mapping[str, Method] | None = None,
         skip_unsupported: bool = False,
+        trace_batch: int | None = None,
     ) -> None:
+        if trace_batch is not None and trace_batch < 1:
+            raise ValueError(f"trace_batch must be a positive number of samples or None, got {trace_batch}")
+        self.trace_batch = trace_batch
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.methods: dict[str, Method] = dict(methods) if methods else {"dexar": build_method("dexar")}
         self.skipped: dict[str, str] = {}
@@ -106,7 +114,9 @@ class Explainer:
 
         Samples whose images give different image-token layouts (:meth:`VLMAdapter.grid_key`:
         dynamic resolution, tiles) are traced in sub-batches of equal layout; results keep the
-        samples' order.
+        samples' order. A batch larger than :meth:`samples_per_trace` is traced in consecutive
+        sub-batches of that size (the answers generated once for the whole batch): each sample's maps
+        are its own whatever the batch (the samples do not interact), the timing sums every sub-batch.
 
         With ``time_alone``, each method is then run once more on its own (a trace of its own needs,
         its work, its explanation objects; results discarded) and timed as ``alone/<label>``: the
@@ -124,8 +134,59 @@ class Explainer:
         clock = PhaseClock(device)
         answer_ids, texts = self.answer_ids(samples, answer_source, max_new_tokens, keep_eos)
         clock.lap("generation")
+        batch = self._build_batch(samples, answer_ids, device)
+        size = self.samples_per_trace(batch)
+        if size >= len(samples):
+            results = self._explain_built(batch, samples, answer_ids, texts, keep_images, time_alone, clock)
+        else:  # sub-batches of the generated answers, each encoded and padded on its own
+            results = {name: [] for name in self.methods}
+            for start in range(0, len(samples), size):
+                part = slice(start, start + size)
+                sub = self._build_batch(samples[part], answer_ids[part], device)
+                out = self._explain_built(
+                    sub, samples[part], answer_ids[part], texts[part], keep_images, time_alone, clock
+                )
+                for name, explanations in out.items():
+                    results[name] += explanations
+        self.last_timings = clock.laps
+        return results
+
+    def samples_per_trace(self, batch: TeacherForcedBatch) -> int:
+        """Samples of ``batch`` per trace: :attr:`trace_batch`, or as many as fit the free accelerator memory.
+
+        Sized by :func:`dexar.trace.memory.samples_per_trace` for the needs of the methods (the shared
+        trace, and IIA's graph-holding forwards); a decoder on the CPU, or an encoder-decoder (the model
+        covers decoder self-attention only), is traced whole.
+        """
+        if self.trace_batch is not None:
+            return self.trace_batch
+        device = next(self.adapter.model.parameters()).device
+        free = free_device_bytes(device)
+        if free is None or self.adapter.architecture != "decoder":
+            return batch.input_ids.shape[0]
+        probe = any("attention_probes" in getattr(m, "probe_needs", ()) for m in self.methods.values())
+        dtype = next(self.adapter.model.parameters()).dtype
+        dims = ModelDims.from_config(self.adapter.text_config)
+        n, t = batch.input_ids.shape[1], batch.answer_ids.shape[1]
+        return samples_per_trace(dims, n, t, memory_plan(self.needs), dtype, free, probe)
+
+    def _build_batch(
+        self, samples: list[Sample], answer_ids: list[list[int]], device: torch.device
+    ) -> TeacherForcedBatch:
         prompt_ids, image_inputs = self.adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
-        batch = self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
+        return self.adapter.build_batch(prompt_ids, answer_ids, image_inputs, device=device)
+
+    def _explain_built(
+        self,
+        batch: TeacherForcedBatch,
+        samples: list[Sample],
+        answer_ids: list[list[int]],
+        texts: list[str],
+        keep_images: bool,
+        time_alone: bool,
+        clock: PhaseClock,
+    ) -> dict[str, list[Explanation]]:
+        """One trace of ``batch``, every method on it (and each on its own with ``time_alone``), laps in ``clock``."""
         clock.lap("encoding")
         trace = run_trace(self.adapter, batch, self.needs)
         clock.lap("trace")
@@ -143,7 +204,6 @@ class Explainer:
                 out = method(run_trace(self.adapter, batch, method.needs))
                 self._explanations(name, method, out, *shared)
                 clock.lap(f"alone/{name}")
-        self.last_timings = clock.laps
         return results
 
     def _explanations(

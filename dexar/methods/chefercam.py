@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from dexar.methods.base import MethodOutput, finish, rollout_rows
+from dexar.methods.base import MethodOutput, finish
 from dexar.trace import Trace
 
 
@@ -18,15 +18,17 @@ class CheferCAM:
     For answer token ``t``, with ``y_t^L`` the model's own (final-layer) logit of ``w_t``:
     ``Ā_t^l = mean_h ReLU(∂y_t^L/∂A^{l,h} ⊙ A^{l,h})``; ``R = I``, for ``l = 1..L``:
     ``R ← R + Ā_t^l · R`` (eq. 9), so ``R = (I + Ā_t^L) ⋯ (I + Ā_t^1)``; token map ``R[p_t, V]``
-    (eq. 10). Row ``p_t`` is propagated as a row vector (exact, ``O(L·N²)`` per token). The gradients
-    of all tokens come from one batched backward of the shared trace (``final_logit_grads``).
+    (eq. 10). Row ``p_t`` is propagated as a row vector (exact, ``O(L·N²)`` per token) inside the
+    shared trace's backward of each token (``final_logit_grads``): each layer's ``Ā_t^l`` is folded in
+    as its gradient arrives (:func:`dexar.trace.backward.grad_rollout`), so no ``(B, T, L, N, N)``
+    products are kept.
     """
 
     name: ClassVar[str] = "chefercam"
     needs: ClassVar[frozenset[str]] = frozenset({"final_logit_grads"})
 
     def __call__(self, trace: Trace) -> MethodOutput:
-        if trace.final_grad_attention is None:
-            raise ValueError("chefercam needs a trace with final_logit_grads")
-        raw = rollout_rows(trace, trace.final_grad_attention, residual="add")  # (B, T, V)
+        if trace.final_grad_rollout is None:
+            raise ValueError("chefercam needs a trace with final_logit_grads (over every layer)")
+        raw = trace.image_columns(trace.final_grad_rollout)  # (B, T, V)
         return finish(trace, raw, torch.ones_like(raw[..., 0]))

@@ -90,7 +90,7 @@ class PredictOutput:
 EVALUATION_FAILED = "evaluation failed"
 """Prefix of the miss a metric records for a sample whose evaluation raised (see ``ExplainerModule._evaluate``)."""
 
-NOT_FINGERPRINTED = ("time_alone_batches",)
+NOT_FINGERPRINTED = ("time_alone_batches", "trace_batch")
 """Settings the results do not depend on: a resumed run may change them."""
 
 
@@ -127,6 +127,9 @@ class ExplainerModule(L.LightningModule):
         time_alone_batches: On this many first batches of each process, every method is also run on
             its own (a trace of its own needs + its work) and timed: the paper's sec/img
             (``alone/<label>`` in ``timing.json``). 0: never; -1: every batch. Results are unchanged.
+        trace_batch: Samples per trace (and per IIA forward); a larger batch is explained in sub-batches
+            of this many. ``None``: sized by the memory model from the free accelerator memory (the whole
+            batch on the CPU); see :meth:`dexar.explain.Explainer.samples_per_trace`. Results are unchanged.
 
     """
 
@@ -143,6 +146,7 @@ class ExplainerModule(L.LightningModule):
         perturbation_max_batch: int = 16,
         perturbation_replacement: float = 0.0,
         time_alone_batches: int = 2,
+        trace_batch: int | None = None,
     ) -> None:
         super().__init__()
         if answer_source not in ANSWER_SOURCES:
@@ -214,7 +218,9 @@ class ExplainerModule(L.LightningModule):
         for p in vlm.parameters():
             p.requires_grad_(False)
         self.vlm = vlm
-        self.explainer = Explainer(vlm, processor, self.methods, skip_unsupported=True)
+        self.explainer = Explainer(
+            vlm, processor, self.methods, skip_unsupported=True, trace_batch=self.hparams.trace_batch
+        )
         self.not_applicable = dict(self.explainer.skipped)
         for label in self.not_applicable:  # the same on every process: the metric collectives still match
             del self.metric_sets[label], self.metric_scratch[label]

@@ -45,14 +45,17 @@ def run(
     Passes: the default DEX-AR needs (``attention_rows``, ``layer_grads``) take one forward with
     detached layer inputs and one backward; ``full_attention`` and ``hidden_states`` add nothing but
     memory. ``final_logit_grads`` / ``hidden_grads:<k>`` keep the graph from layer 0 / ``k`` on and
-    add one batched backward per chunk of answer tokens (:func:`batched_grads`); with them,
+    add backwards over the answer tokens (``final_logit_grads``: one per token, each layer's product
+    reduced as its gradient arrives; ``hidden_grads``: one batched backward per chunk of tokens,
+    :func:`batched_grads`); with them,
     ``layer_grads`` costs one layer-local ``autograd.grad`` per graph layer instead of a second forward.
 
     Args:
         adapter: Adapter of the model (its parameters are frozen for the call).
         batch: Teacher-forced batch from :meth:`VLMAdapter.build_batch`.
         needs: Subset of :data:`NEEDS` plus any ``hidden_grads:<layer>``.
-        grad_chunk: Answer tokens per batched backward (default: as many as fit the memory budget).
+        grad_chunk: Answer tokens per batched backward of ``hidden_grads`` (default: as many as fit the
+            memory budget).
 
     Returns:
         The :class:`Trace`; tensors stay on the model's device.

@@ -32,6 +32,26 @@ CAPTURE_NAME = "dexar_capture"
 GIVEN_NAME = "dexar_given"
 
 
+class _MaskedSoftmax(torch.autograd.Function):
+    """``softmax(scores)`` with the rows where ``keep`` is False set to zero, holding one ``(B, H, R, N)`` tensor.
+
+    Equals ``softmax(scores) * keep`` and its gradient, bit for bit (the same softmax backward on the
+    same output; a zero row's gradient is zero either way), without that product's second full copy:
+    autograd kept both the softmax output (for its backward) and the product (for ``probs @ V``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1).masked_fill_(~keep, 0)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None
+
+
 def attention_probs(
     module: nn.Module,
     query: torch.Tensor,
@@ -62,7 +82,7 @@ def attention_probs(
         mask = attention_mask[:, :, rows, :n]
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, low)
-            return torch.softmax(scores, dim=-1) * mask.any(-1, keepdim=True)
+            return _MaskedSoftmax.apply(scores, mask.any(-1, keepdim=True))
         scores = scores.add_(mask.to(work)).clamp(min=low)
     elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         positions = torch.arange(query.shape[2], device=query.device)[rows]
@@ -214,9 +234,13 @@ def _graph(call: AttentionCall, session: Session, layer: int, step: LayerPlan) -
 
 
 def _keep(call: AttentionCall, session: Session, layer: int, out: torch.Tensor) -> torch.Tensor:
-    """Record a graph layer's output, keys and values (the last layer's gradient × activation reads them)."""
-    record = session.record
-    record.outputs[layer], record.keys[layer], record.values[layer] = out, call.key, call.value
+    """Record a graph layer's output, keys and values if its gradient × activation reads them (``hidden_grads``).
+
+    Only those layers: a recorded output or key would keep a tensor alive that the graph does not hold.
+    """
+    if layer in session.plan.hidden_grads:
+        record = session.record
+        record.outputs[layer], record.keys[layer], record.values[layer] = out, call.key, call.value
     return out
 
 

@@ -5,13 +5,14 @@
 * :func:`batched_grads`: the gradients of every answer token's target at once, one ``is_grads_batched``
   backward per chunk of tokens (chunks sized by :data:`GRAD_CHUNK_BYTES` / :data:`CPU_GRAD_CHUNK_BYTES`).
 * :func:`grad_attention`: Chefer's ``mean_h ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})`` in the form the methods
-  consume (per-head raw gradients would cost ``H×`` more).
+  consume, reduced inside one backward per token as each layer's gradient arrives (per-head raw
+  gradients would cost ``H×`` more, every layer's at once ``L×``).
 * :func:`grad_x_hidden`: GradCAM's ``Σ_d ∂y_t^L/∂h_{j,d} · h_{j,d}`` at the image positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -63,26 +64,99 @@ def batched_grads(
         del grads  # not alive while the next chunk's backward runs (the caller drops its reference too)
 
 
-def grad_attention(
-    target: torch.Tensor, probs: list[torch.Tensor], chunk: int | None, per_token: bool = True
-) -> torch.Tensor:
+def grad_attention(target: torch.Tensor, probs: list[torch.Tensor], per_token: bool = True) -> torch.Tensor:
     """``mean_h ReLU(∂target_t/∂A^l ⊙ A^l)`` for every slot ``t`` and layer: ``(B, T, L, N, N)``.
 
     With ``per_token=False`` the target is ``Σ_t target_t`` and the result ``(B, 1, L, N, N)``.
+
+    Each layer's product is reduced inside the backward (:func:`reduced_backward`), as its gradient
+    arrives: one ``(B, H, N, N)`` gradient is alive at a time, not every layer's at once. So the
+    tokens are backpropagated one at a time (a hook cannot take a vmapped gradient out of a batched
+    backward).
     """
-    if not per_token:
-        grads = torch.autograd.grad(target.sum(), probs, retain_graph=True, allow_unused=True, materialize_grads=True)
-        return torch.stack([(g * p.detach()).clamp(min=0).mean(1) for g, p in zip(grads, probs, strict=True)], 1)[
-            :, None
-        ]
     b, t = target.shape
     n = probs[0].shape[-1]
-    out = torch.empty(b, t, len(probs), n, n, dtype=probs[0].dtype, device=probs[0].device)
-    for t0, c, grads in batched_grads(target, probs, chunk):  # written in place: no per-chunk parts to concatenate
-        for layer, (g, p) in enumerate(zip(grads, probs, strict=True)):
-            out[:, t0 : t0 + c, layer] = (g * p.detach()).clamp_(min=0).mean(2).transpose(0, 1)  # (B, c, N, N)
-        del grads, g  # drop this chunk's gradients before the next backward
+    slots = t if per_token else 1
+    # zeros: a layer the target does not reach gets no gradient (its product is 0, as materialize_grads gave)
+    out = torch.zeros(b, slots, len(probs), n, n, dtype=probs[0].dtype, device=probs[0].device)
+    for step in range(slots):
+        seed = None
+        if per_token:
+            seed = torch.zeros_like(target)
+            seed[:, step] = 1
+
+        def write(layer: int, product: torch.Tensor, step: int = step) -> None:
+            out[:, step, layer] = product
+
+        reduced_backward(target if per_token else target.sum(), seed, probs, write)
     return out
+
+
+def grad_rollout(target: torch.Tensor, probs: list[torch.Tensor], rows: slice) -> torch.Tensor:
+    """Row ``p_t`` of ``(I + Ā_t^L) ⋯ (I + Ā_t^1)``, ``Ā_t^l = mean_h ReLU(∂target_t/∂A^l ⊙ A^l)``: ``(B, T, N)``.
+
+    Chefer's relevance ``R ← R + Ā_t^l · R`` (``l = 1..L``) read at the predicting row ``p_t``, as the
+    row-vector recursion ``r ← r + r Ā_t^l`` from the top layer down. The backward of ``target_t``
+    delivers the layers' gradients in that order (a layer's gradient needs every later layer's), so
+    each ``Ā_t^l`` is folded into ``r`` as it arrives and dropped: per token one ``(B, H, N, N)``
+    gradient and one ``(B, N)`` row are alive, not ``L`` products ``(B, N, N)`` (``T·L·N²`` per sample
+    over the answer). ``probs`` are in layer order; a layer the target does not reach adds nothing.
+
+    Raises:
+        RuntimeError: A layer's gradient arrived before a later layer's (a graph that is not a stack of layers).
+
+    """
+    b, t = target.shape
+    n = probs[0].shape[-1]
+    out = torch.zeros(b, t, n, dtype=probs[0].dtype, device=probs[0].device)
+    for step in range(t):
+        seed = torch.zeros_like(target)
+        seed[:, step] = 1
+        row = torch.zeros(b, n, dtype=probs[0].dtype, device=probs[0].device)
+        row[:, rows.start + step] = 1
+        state = {"row": row, "next": len(probs) - 1}
+
+        def fold(layer: int, product: torch.Tensor, state: dict = state) -> None:
+            if layer > state["next"]:
+                raise RuntimeError(f"layer {layer}'s attention gradient arrived after a lower layer's")
+            state["row"] = state["row"] + (state["row"][:, None, :] @ product)[:, 0, :]
+            state["next"] = layer - 1
+
+        reduced_backward(target, seed, probs, fold)
+        out[:, step] = state["row"]
+    return out
+
+
+def reduced_backward(
+    target: torch.Tensor,
+    seed: torch.Tensor | None,
+    probs: list[torch.Tensor],
+    consume: Callable[[int, torch.Tensor], None],
+) -> None:
+    """One backward of ``target`` (weighted by ``seed``); ``consume(l, mean_h ReLU(∂/∂A^l ⊙ A^l))`` per layer.
+
+    A hook on every ``A^l`` in the graph hands its ``(B, N, N)`` product to ``consume`` the moment the
+    engine has its ``(B, H, N, N)`` gradient; the gradient flows on unchanged and is freed after the
+    softmax backward reads it. Only the first layer's and the leaves' gradients (a leaf's hook would
+    not fire: nothing below it is asked for) are returned by ``torch.autograd.grad`` and consumed
+    last; asked for every ``A^l``, it would hold all ``L`` gradients until the end.
+    """
+
+    def reduce(layer: int, g: torch.Tensor) -> None:
+        consume(layer, (g * probs[layer].detach()).clamp_(min=0).mean(1))
+
+    asked = [i for i, p in enumerate(probs) if i == 0 or p.grad_fn is None]
+    hooked = [i for i in range(len(probs)) if i not in asked]
+    handles = [probs[i].register_hook(lambda g, i=i: reduce(i, g)) for i in hooked]
+    try:
+        grads = torch.autograd.grad(
+            target, [probs[i] for i in asked], seed, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, g in sorted(zip(asked, grads, strict=True), reverse=True):
+        reduce(i, g)
 
 
 def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: slice) -> list[torch.Tensor]:

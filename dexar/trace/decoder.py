@@ -9,7 +9,7 @@ The exact one-pass computation of DEX-AR's gradients (ARCHITECTURE.md):
   ``Σ_{l,t} y_t^l`` gives every ``g_t^l = ∂y_t^l/∂A^l[:, p_t, :]`` exactly.
 
 The baselines' needs are served by the same forward (:mod:`dexar.trace.plan`); the final logit's
-gradients add one batched backward per chunk of answer tokens (:mod:`dexar.trace.backward`).
+gradients add one backward per answer token (:mod:`dexar.trace.backward`).
 Parameters never receive gradients.
 """
 
@@ -57,7 +57,7 @@ def run(
     answer_ids = LAYOUT.row_answers(batch)
     session = Session(plan, rows, layer_index)
     record = session.record
-    grads = final_grad_attention = None
+    grads = final_grad_rollout = None
     grad_x_hidden: dict[int, torch.Tensor] = {}
     with instrument.traced(adapter, session):
         kept = instrument.forward(adapter, batch, session)
@@ -66,7 +66,7 @@ def run(
             final = lens[-1]  # y_t^L: the model's own logit of w_t
             if plan.final_logit_grads:
                 graph = [record.probs[i] for i, layer in enumerate(plan.layers) if layer.capture is Capture.GRAPH]
-                final_grad_attention = backward.grad_attention(final, graph, grad_chunk)
+                final_grad_rollout = backward.grad_rollout(final, graph, rows)
             if plan.hidden_grads:
                 grad_x_hidden = backward.grad_x_hidden(
                     final, kept.inputs, record, plan.hidden_grads, image_index, num_layers, rows, grad_chunk
@@ -95,7 +95,7 @@ def run(
         grid=batch.image_grid,
         adapter=adapter,
         full_attention=full_attention,
-        final_grad_attention=final_grad_attention,
+        final_grad_rollout=final_grad_rollout,
         grad_x_hidden={k: v.detach() for k, v in grad_x_hidden.items()},
         final_hidden=final_hidden,
     )

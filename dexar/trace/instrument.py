@@ -142,7 +142,7 @@ def layer_hooks(layers: nn.ModuleList, session: Session, config: Any, kept: Forw
             if step.capture is Capture.RERUN_ROWS:
                 kept.rows[index] = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config)
             else:
-                kept.rows[index] = hidden[:, rows]
+                kept.rows[index] = hidden[:, rows].clone()  # a view would keep the whole (B, N, D) output alive
 
         return post_hook
 

@@ -3,18 +3,22 @@
 Each term below names the tensor it counts (shape × element size) in :mod:`dexar.trace.decoder`,
 :mod:`~dexar.trace.attention`, :mod:`~dexar.trace.instrument` and :mod:`~dexar.trace.backward`. ``w``
 is the working precision of the attention probabilities and read-outs (float32, or the model's dtype if
-wider: :func:`dexar.trace.precision.working_dtype`), ``s`` the model's element size. Two plans are modelled:
+wider: :func:`dexar.trace.precision.working_dtype`), ``s`` the model's element size. Three plans are modelled:
 
-* ``default`` (the default needs, DEX-AR's: ``attention_rows``, ``layer_grads``, row-local layers): the forward runs
-  without autograd, each layer keeps its answer rows ``(B, H, T, N)·w`` (a leaf) and the graph of its
+* ``default`` (the default needs, DEX-AR's: ``attention_rows``, ``layer_grads``, row-local layers): the forward
+  runs without autograd, each layer keeps its answer rows ``(B, H, T, N)·w`` (a leaf) and the graph of its
   ``T``-row float32 re-run; one backward gives ``(B, H, T, N)`` gradients per layer, stacked.
 * ``shared`` (every method's needs at once: ``final_logit_grads``, ``full_attention``, ``hidden_states``,
-  ``hidden_grads:-1``, ``layer_grads``): every layer's every row is in the graph, the final-logit
-  gradients of all layers come back together per chunk of answer tokens, and CheferCAM's
-  ``(B, T, L, N, N)`` products accumulate.
+  ``hidden_grads:-1``, ``layer_grads``): every layer's every row is in the graph; CheferCAM's backward per
+  answer token folds each layer's product into a row as its gradient arrives, so one layer's
+  ``(B, H, N, N)`` gradient is in flight at a time.
+* ``probe``: IIA's extra forward (every row in the graph, the last layer re-run on a given attention, one
+  backward of the answer's log-likelihood), which runs after the shared trace while its records are kept
+  (:func:`retained_bytes`).
 
-The peak is the largest of a few phases (forward, backward, stacking); :func:`trace_peak_bytes`
-returns it. ``tests/trace/test_memory.py`` compares it with the peak measured on the CPU allocator
+The peak is the largest of a few phases (forward, backwards, stacking); :func:`trace_peak_bytes`
+returns it, :func:`samples_per_trace` sizes a trace batch from the free memory with it.
+``tests/trace/test_memory.py`` compares it with the peak measured on the CPU allocator
 (:func:`measured_peak_bytes`) for tiny models in float32 and bf16.
 """
 
@@ -24,8 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-PLANS = ("default", "shared")
 
 
 @dataclass(frozen=True)
@@ -78,32 +80,151 @@ KNOWN_MODELS: dict[str, ModelDims] = {
 """Text-decoder dims of known checkpoints (their ``config.json``)."""
 
 
-def _layer_rows_bytes(dims: ModelDims, rows: int, size: int) -> int:
-    """Saved activations of one Llama-style decoder layer's graph over ``rows`` rows (per sample).
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint's trace memory and weights depend on.
 
-    Parameters are frozen, so a linear layer saves nothing (its input only serves the weight's
-    gradient); rotary saves its constant cos/sin. What remains: the two RMS norms (their float32 input
-    and normalised output, ``2·D`` each) and the MLP (the gate's input to SiLU, its output and the up
-    projection: ``3·I``).
+    Attributes:
+        dims: Its text decoder's dims.
+        image_tokens: Image tokens per sample (LLaVA-NeXT: a typical any-resolution count).
+        parameters: Parameter count (the weights' bytes are this times the element size).
+        architecture: ``decoder`` or ``cross`` (an encoder-decoder: the memory model covers decoders only).
+
     """
-    return rows * (4 * dims.hidden + 3 * dims.intermediate) * size
+
+    dims: ModelDims
+    image_tokens: int
+    parameters: int
+    architecture: str = "decoder"
 
 
-def _layer_forward_bytes(dims: ModelDims, tokens: int, size: int) -> int:
-    """Transient of one layer's forward without a graph over ``N`` rows (per sample).
+CHECKPOINTS: dict[str, Checkpoint] = {
+    "llava-hf/llava-1.5-7b-hf": Checkpoint(KNOWN_MODELS["llava-1.5-7b"], 576, 7_063_000_000),
+    "llava-hf/bakLlava-v1-hf": Checkpoint(ModelDims(32, 4096, 32, 8, 128, 14336, 32002), 576, 7_566_000_000),
+    "llava-hf/llava-v1.6-mistral-7b-hf": Checkpoint(KNOWN_MODELS["llava-next-mistral-7b"], 2352, 7_566_000_000),
+    "google/paligemma-3b-pt-224": Checkpoint(KNOWN_MODELS["paligemma-3b"], 256, 2_923_000_000),
+    "florence-community/Florence-2-base": Checkpoint(
+        ModelDims(6, 768, 12, 12, 64, 3072, 51289), 577, 232_000_000, "cross"
+    ),
+}
+"""The hub checkpoints the shipped configs name (``config.json``; parameters from the model cards)."""
 
-    In the MLP: the residual, its normalised input, SiLU(gate), up and their product (``2·D + 3·I``).
+
+PLANS = ("default", "shared", "probe")
+"""``default``: DEX-AR's needs; ``shared``: every method's needs in one trace; ``probe``: IIA's extra forward
+(:func:`dexar.trace.probes.grad_weighted_attention`)."""
+
+HEADROOM = 0.9
+"""Share of the free device memory :func:`samples_per_trace` fills (the allocator's fragmentation, the
+vision tower, the perturbation forwards)."""
+
+
+def _norms_mlp_bytes(dims: ModelDims, rows: int, size: int) -> int:
+    """What one Llama-style decoder layer's graph saves outside attention over ``rows`` rows (per sample).
+
+    Parameters are frozen, so a linear layer saves nothing (its input only serves the weight's gradient)
+    and rotary saves its constant cos/sin. What remains: the two RMS norms' float32 inputs (``2·D·4``
+    bytes: a norm computes in float32 whatever the model's dtype) and the MLP (the gate's input to SiLU,
+    its output and the up projection: ``3·I`` in the model's ``size``).
     """
-    return tokens * (2 * dims.hidden + 3 * dims.intermediate) * size
+    return rows * (2 * dims.hidden * 4 + 3 * dims.intermediate * size)
+
+
+def _mlp_forward_bytes(dims: ModelDims, tokens: int, size: int) -> int:
+    """Transient of one layer's MLP without a graph over ``N`` rows (per sample).
+
+    The residual, its normalised input (and the norm's float32 copy), SiLU(gate), up and their product.
+    """
+    return tokens * (2 * dims.hidden * size + dims.hidden * 4 + 3 * dims.intermediate * size)
 
 
 def _attention_forward_bytes(dims: ModelDims, tokens: int, size: int) -> int:
     """Transient of one layer's attention without a graph over ``N`` rows (per sample).
 
-    The residual, q, k, v, rotated q and k, and SDPA's output (``7·D``; the normalised input is freed after
-    the projections).
+    The residual, the normalised input, q and rotated q, k, v and rotated k, and SDPA's output.
     """
-    return tokens * 7 * dims.hidden * size
+    kv = dims.kv_heads * dims.head_dim
+    return tokens * (2 * dims.hidden + 3 * dims.heads * dims.head_dim + 3 * kv) * size
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Per-sample bytes of the tensors the plans hold, named after them."""
+
+    s: int  # the model's element size
+    w: int  # the working precision's
+    layers: int
+    answer: int
+    rows: int  # one layer's answer rows (B, H, T, N)
+    probs: int  # one layer's probabilities (B, H, N, N)
+    mean: int  # mean_h A^l, or one layer's CheferCAM product (B, N, N)
+    head_copy: int  # q, K or V over every head in w (saved by a matmul)
+    hidden: int  # one (B, N, D) hidden state in the model's dtype
+    graph_rest: int  # one graph layer's norms and MLP over every row
+    rerun: int  # one layer's T-row float32 re-run graph and its logit lens
+
+    @classmethod
+    def of(cls, dims: ModelDims, tokens: int, answer: int, dtype: torch.dtype) -> _Sizes:
+        s = torch.empty((), dtype=dtype).element_size()
+        w = max(s, 4)
+        n, t, h, d = tokens, answer, dims.heads, dims.head_dim
+        return cls(
+            s=s,
+            w=w,
+            layers=dims.layers,
+            answer=t,
+            rows=h * t * n * w,
+            probs=h * n * n * w,
+            mean=n * n * w,
+            head_copy=h * n * d * w,
+            hidden=n * dims.hidden * s,
+            graph_rest=_norms_mlp_bytes(dims, n, s),
+            rerun=_norms_mlp_bytes(dims, t, w) + 3 * t * dims.hidden * w,
+        )
+
+
+def _default_peak(x: _Sizes, dims: ModelDims, n: int) -> int:
+    """DEX-AR's trace, per sample: a forward without a graph, one backward, the stacking."""
+    rerun = x.rerun + x.head_copy  # a re-run's graph: its rows, and V in w saved by leaf @ V
+    kept = x.layers * (x.rows + rerun)
+    # the capture: K over every head (repeated, then in w), the answer rows' scores and softmax
+    capture = x.head_copy * x.s // x.w + (x.head_copy if x.s < x.w else 0) + 2 * x.rows
+    # + the layer's input (held by the decoder's loop) and the input embeddings (held by the model's forward)
+    forward = kept + 2 * x.hidden
+    forward += max(_mlp_forward_bytes(dims, n, x.s), _attention_forward_bytes(dims, n, x.s) + capture)
+    backward = x.layers * (2 * x.rows + rerun)  # the leaves and their gradients while the re-runs' graphs free
+    stacking = 3 * x.layers * x.rows  # the leaves, the gradients (a list, then stacked), the stacked leaves
+    return max(forward, backward, stacking)
+
+
+def _graph_bytes(x: _Sizes, mean: bool) -> int:
+    """Every layer's every row in the graph, per sample.
+
+    The probabilities (softmax's output, saved by ``probs @ V``), the scaled q, K and V in w (saved by
+    the two matmuls), ``mean_h A^l`` if kept, the norms and the MLP.
+    """
+    return x.layers * (x.probs + 3 * x.head_copy + x.graph_rest + (x.mean if mean else 0))
+
+
+def _shared_peak(x: _Sizes) -> int:
+    """Every method's needs in one trace, per sample."""
+    graph = _graph_bytes(x, mean=True) + 2 * x.hidden  # + the last layer's input and output (GradCAM, TAM)
+    # CheferCAM: one backward per token; each layer's (B, H, N, N) gradient and its product with A^l (or
+    # the softmax's input gradient) in flight, folded into a (B, N) row as it arrives
+    chefer = 2 * x.probs
+    # GradCAM at the last layer: a batched backward through its attention (gradients of A^L, of its
+    # scores and their product)
+    gradcam = 3 * x.probs
+    # the end: DEX-AR's layer-local gradients (a list, then stacked), the stacked rows, the stacked means
+    end = 3 * x.layers * x.rows + x.layers * x.mean
+    return graph + max(chefer, gradcam, end)
+
+
+def _probe_peak(x: _Sizes) -> int:
+    """IIA's extra forward, per sample: the graph, the last layer re-run on a given ``β·A^L``, one backward."""
+    rerun = x.probs + x.head_copy + x.graph_rest  # the given leaf, V in w, the norms and the MLP
+    sums = 3 * x.layers * x.mean  # the (B, 1, L, N, N) products and their running sums over β and α
+    return _graph_bytes(x, mean=False) + rerun + sums + 2 * x.probs
 
 
 def trace_peak_bytes(
@@ -113,7 +234,6 @@ def trace_peak_bytes(
     batch: int = 1,
     plan: str = "default",
     dtype: torch.dtype = torch.bfloat16,
-    grad_chunk: int = 1,
 ) -> int:
     """Predicted peak bytes of one decoder trace above the model's weights.
 
@@ -121,10 +241,9 @@ def trace_peak_bytes(
         dims: The decoder's dimensions.
         tokens: Sequence length ``N`` (image + text tokens, answer included).
         answer: Answer tokens ``T``.
-        batch: Samples per trace ``B``.
-        plan: ``"default"`` (DEX-AR's needs) or ``"shared"`` (every method's needs; see the module docstring).
+        batch: Samples per trace ``B`` (the samples' tensors are independent: the peak is ``B`` times one's).
+        plan: One of :data:`PLANS` (see the module docstring).
         dtype: The model's parameter dtype.
-        grad_chunk: Answer tokens per batched final-logit backward (``shared``).
 
     Raises:
         ValueError: An unknown plan.
@@ -132,37 +251,47 @@ def trace_peak_bytes(
     """
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; known: {PLANS}")
-    s = torch.empty((), dtype=dtype).element_size()
-    w = max(s, 4)
-    n, t, b, big_l = tokens, answer, batch, dims.layers
-    h, d = dims.heads, dims.head_dim
-    rows = h * t * n * w  # one layer's answer rows (B, H, T, N), per sample
-    value_copy = h * n * d * w  # V in w (after repeat_kv) saved by probs @ V
-    key_copy = h * n * d * w  # K in w, a transient of attention_probs
+    x = _Sizes.of(dims, tokens, answer, dtype)
     if plan == "default":
-        rerun = _layer_rows_bytes(dims, t, w) + value_copy  # T-row float32 re-run, graph kept
-        kept = big_l * (rows + rerun)
-        # + the capture's K in w, its scores and softmax (and the masked copy when the batch is padded)
-        attention = _attention_forward_bytes(dims, n, s) + key_copy + (3 if b > 1 else 2) * rows
-        forward = kept + max(_layer_forward_bytes(dims, n, s), attention)
-        # backward: every leaf's gradient (a list), then torch.stack copies it; then the leaves are stacked too
-        stacking = big_l * rows * 3
-        return b * max(forward, stacking + big_l * rerun)
-    probs = h * n * n * w  # (B, H, N, N) one layer's probabilities
-    masked = probs if b > 1 else 0  # `softmax * mask.any(...)`: a second copy when the batch is padded
-    mean = n * n * w  # mean_h A^l, kept
-    # softmax's output (saved by softmax and by probs @ V; the masked product when padded), V and the
-    # scaled q and K in w (saved by the matmuls), mean_h A^l, the rest of the layer
-    graph_layer = probs + masked + value_copy + 2 * h * n * d * w + mean + _layer_rows_bytes(dims, n, s)
-    graph = big_l * graph_layer
-    chefer = big_l * n * n * w  # one token's mean_h ReLU(g ⊙ A) of every layer
-    # one chunk's backward: every layer's (c, H, N, N) gradient returned together, and a product in flight;
-    # CheferCAM's (B, T, L, N, N) products are written in place into one preallocated tensor
-    backward = graph + grad_chunk * big_l * probs + grad_chunk * probs + t * chefer
-    # DEX-AR's layer-local gradients of graph layers: one full (H, N, N) gradient at a time, its answer rows
-    # cloned (a list), then stacked
-    local = graph + t * chefer + probs + 2 * big_l * rows
-    return b * max(backward, local)
+        return batch * _default_peak(x, dims, tokens)
+    return batch * (_shared_peak(x) if plan == "shared" else _probe_peak(x))
+
+
+def retained_bytes(dims: ModelDims, tokens: int, answer: int, plan: str, dtype: torch.dtype) -> int:
+    """Per-sample bytes a finished trace keeps for the methods (alive while IIA's probes run after it)."""
+    x = _Sizes.of(dims, tokens, answer, dtype)
+    kept = 2 * x.layers * x.rows  # the answer rows and their layer-local gradients
+    if plan == "shared":
+        kept += x.layers * x.mean + x.hidden * x.w // x.s  # full attention, the final hidden states in w
+    return kept
+
+
+def memory_plan(needs: frozenset[str] | set[str]) -> str:
+    """The modelled plan covering ``needs``: ``shared`` when they keep a graph across layers, else ``default``."""
+    graph = any(need == "final_logit_grads" or need.startswith("hidden_grads") for need in needs)
+    return "shared" if graph or "full_attention" in needs else "default"
+
+
+def samples_per_trace(
+    dims: ModelDims, tokens: int, answer: int, plan: str, dtype: torch.dtype, free_bytes: int, probe: bool = False
+) -> int:
+    """How many samples one trace may hold in ``free_bytes`` (:data:`HEADROOM` of it); at least 1.
+
+    With ``probe``, IIA's forwards run after the trace while its records are kept: their peak counts too.
+    """
+    one = trace_peak_bytes(dims, tokens, answer, 1, plan, dtype)
+    if probe:
+        after = retained_bytes(dims, tokens, answer, plan, dtype)
+        one = max(one, after + trace_peak_bytes(dims, tokens, answer, 1, "probe", dtype))
+    return max(1, int(free_bytes * HEADROOM) // max(one, 1))
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator (its free bytes + the allocator's cached, unused ones); ``None`` on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def measured_peak_bytes(function: Callable[[], object]) -> int:

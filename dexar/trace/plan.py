@@ -104,7 +104,7 @@ class Plan:
     Attributes:
         layers: The per-layer plans, in layer order.
         layer_grads: ``g_t^l = ∂y_t^l/∂A^l[:, p_t, :]`` (the captured leaves require grad).
-        final_logit_grads: Chefer's ``mean_h ReLU(∂y_t^L/∂A^{l,h} ⊙ A^{l,h})`` of every layer.
+        final_logit_grads: Chefer's relevance row ``p_t`` of ``∏_l (I + mean_h ReLU(∂y_t^L/∂A^{l,h} ⊙ A^{l,h}))``.
         hidden_grads: Layers ``k`` (non-negative, sorted) of GradCAM's gradient × activation.
         final_hidden: The last layer's output after the final norm.
 

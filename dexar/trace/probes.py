@@ -73,12 +73,12 @@ def grad_weighted_attention(
     pixel_values: torch.Tensor | None = None,
     last_scales: Sequence[float] = (1.0,),
     per_token: bool = True,
-    grad_chunk: int | None = None,
 ) -> torch.Tensor:
     """Chefer's ``Ā_t^l = mean_h ReLU(∂f_t/∂A^{l,h} ⊙ A^{l,h})`` with ``f_t = log p(w_t | ...)``.
 
-    One forward with every attention row in the graph, then one batched backward per chunk of
-    answer tokens (IIA's inner integrand), summed over ``last_scales`` ``(β_1, …)``: for each ``β`` the
+    One forward with every attention row in the graph, then one backward per answer token (or one
+    for their sum), each layer's product reduced as its gradient arrives (IIA's inner integrand),
+    summed over ``last_scales`` ``(β_1, …)``: for each ``β`` the
     last decoder layer runs again with ``β·A^L`` (``A^L`` of this forward, detached) given in place
     of ``softmax(QK^T)`` (a leaf: no gradient through that layer's queries and keys). The layers below
     do not depend on ``β``, so their forward and graph are shared by every ``β``: one forward,
@@ -90,7 +90,6 @@ def grad_weighted_attention(
         pixel_values: Replace the batch's pixel values.
         last_scales: Scales ``β`` of the given last-layer attention.
         per_token: One target per answer token; else the answer's log-likelihood ``Σ_t f_t``.
-        grad_chunk: Answer tokens per batched backward.
 
     Returns:
         ``(B, T, L, N, N)``, or ``(B, 1, L, N, N)`` when ``per_token`` is False.
@@ -124,6 +123,6 @@ def grad_weighted_attention(
             ):
                 out = layers[last](*args, **kwargs)
             target = log_probs(adapter, (out[0] if isinstance(out, tuple) else out)[:, rows], answer_ids)
-            cam = backward.grad_attention(target, [*lower, given], grad_chunk, per_token).detach()
+            cam = backward.grad_attention(target, [*lower, given], per_token).detach()
             total = cam if total is None else total + cam
         return total

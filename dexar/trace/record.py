@@ -30,8 +30,10 @@ class Trace:
         grid: ``(h, w)`` of the image-token grid.
         adapter: The model's adapter, for methods that run their own forwards.
         full_attention: ``(B, L, N, N)`` head-averaged ``A^l`` over every row (``full_attention``).
-        final_grad_attention: ``(B, T, L, N, N)`` ``mean_h ReLU(∂y_t^L/∂A^{l,h} ⊙ A^{l,h})`` with the
-            final-layer logit ``y_t^L`` (``final_logit_grads``).
+        final_grad_rollout: ``(B, T, N)`` row ``p_t`` of ``(I + Ā_t^L) ⋯ (I + Ā_t^1)``, with
+            ``Ā_t^l = mean_h ReLU(∂y_t^L/∂A^{l,h} ⊙ A^{l,h})`` and ``y_t^L`` the final-layer logit
+            (``final_logit_grads``; Chefer's relevance, folded inside the backward:
+            :func:`dexar.trace.backward.grad_rollout`). Over every layer: :meth:`select_layers` drops it.
         grad_x_hidden: Layer ``k`` → ``(B, T, V)`` ``Σ_d ∂y_t^L/∂h^k_{j,d} · h^k_{j,d}`` at the image
             positions ``j`` of decoder layer ``k``'s input, normalised for the last layer
             (``hidden_grads:<k>``, ``k`` stored non-negative): the product GradCAM consumes (the
@@ -50,7 +52,7 @@ class Trace:
     grid: tuple[int, int]
     adapter: VLMAdapter | None = None
     full_attention: torch.Tensor | None = None
-    final_grad_attention: torch.Tensor | None = None
+    final_grad_rollout: torch.Tensor | None = None
     grad_x_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
 
@@ -66,17 +68,19 @@ class Trace:
         return self.attentions.shape[1]
 
     def select_layers(self, layers: slice) -> Trace:
-        """The same trace restricted to some decoder layers (e.g. ``slice(-1, None)``: the last)."""
+        """The same trace restricted to some decoder layers (e.g. ``slice(-1, None)``: the last).
+
+        ``final_grad_rollout`` is a product over every layer, so the restricted trace has none.
+        """
         grads = self.grads[:, layers] if self.grads is not None else None
         full = self.full_attention[:, layers] if self.full_attention is not None else None
-        final = self.final_grad_attention[:, :, layers] if self.final_grad_attention is not None else None
         return dataclasses.replace(
             self,
             attentions=self.attentions[:, layers],
             grads=grads,
             logit_lens=self.logit_lens[:, layers],
             full_attention=full,
-            final_grad_attention=final,
+            final_grad_rollout=None,
         )
 
     def image_columns(self, values: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_attention_equals_averaged_eager_weights(padded):
 def test_rollout_equals_explicit_matrix_products(padded):
     adapter, batch = padded
     trace = run_trace(adapter, batch, Rollout.needs)
-    assert trace.grads is None and trace.final_grad_attention is None
+    assert trace.grads is None and trace.final_grad_rollout is None
     out = Rollout()(trace)
     for b in range(3):
         attn = naive_attentions(adapter, batch, b)
@@ -217,7 +217,7 @@ def test_one_forward_serves_every_need_and_equals_separate_traces(padded):
     """final_logit_grads keeps the graph; layer_grads from the same forward equal the detached trace."""
     adapter, batch = padded
     base = run_trace(adapter, batch)
-    assert base.full_attention is None and base.final_grad_attention is None and base.final_hidden is None
+    assert base.full_attention is None and base.final_grad_rollout is None and base.final_hidden is None
     every = {"attention_rows", "layer_grads", "full_attention", "final_logit_grads", "hidden_states"}
     every |= {hidden_grads_need(-1), hidden_grads_need(0)}
     last = len(adapter.decoder_layers) - 1
@@ -226,7 +226,7 @@ def test_one_forward_serves_every_need_and_equals_separate_traces(padded):
     assert (together.attentions - base.attentions).abs().max() <= 1e-10
     assert (together.logit_lens - base.logit_lens).abs().max() <= 1e-10
     one_by_one = run_trace(adapter, batch, {"final_logit_grads"}, grad_chunk=1)
-    assert (together.final_grad_attention - one_by_one.final_grad_attention).abs().max() <= 1e-10
+    assert (together.final_grad_rollout - one_by_one.final_grad_rollout).abs().max() <= 1e-10
     alone = run_trace(adapter, batch, {hidden_grads_need(-1), "layer_grads"})
     assert (together.grad_x_hidden[last] - alone.grad_x_hidden[last]).abs().max() <= 1e-10
     assert (together.grads - alone.grads).abs().max() <= 1e-10

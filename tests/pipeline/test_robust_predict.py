@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -149,3 +150,28 @@ def test_every_method_shares_one_pixel_values_copy_per_sample(module):
         explanations["dexar"][0].inputs["pixel_values"].data_ptr()
         != explanations["dexar"][1].inputs["pixel_values"].data_ptr()
     )
+
+
+def test_out_of_memory_inside_a_trace_sub_batch_halves_the_batch_once(tiny_checkpoint, monkeypatch, caplog):
+    """trace_batch=2: an out-of-memory error in a sub-batch's trace is not swallowed; the batch is halved."""
+    explain_module = importlib.import_module("dexar.explain")  # `dexar.explain` is also the function
+
+    module = ExplainerModule(model=tiny_checkpoint, methods={"dexar": {}}, time_alone_batches=0, trace_batch=2)
+    module.configure_model()
+    real, traced = explain_module.run_trace, []
+
+    def trace(adapter, batch, *rest):
+        traced.append(batch.input_ids.shape[0])
+        if batch.input_ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(adapter, batch, *rest)
+
+    monkeypatch.setattr(explain_module, "run_trace", trace)
+    batch = [make_shapes_sample(i) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="dexar.pipeline.module"):
+        output = module._explain_batch(batch, 3)
+    assert traced == [2, 2, 1, 1, 2, 1, 1]  # 4 (2 + 2: the first fails) → 2 (fails) → 1 + 1, twice
+    assert output.sample_ids == [s.id for s in batch] and output.timed == 4
+    assert not output.failures
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["batch 3: out of memory with 4 samples; explained in sub-batches of 1 + 1 + 1 + 1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 import pytest
@@ -9,10 +10,18 @@ import torch
 
 from datamodules.shapes import make_shapes_sample
 from dexar.adapters import get_adapter
+from dexar.explain import Explainer
 from dexar.methods import METHODS, build_method
 from dexar.testing.llava import random_llava
 from dexar.trace import run as run_trace
-from dexar.trace.memory import KNOWN_MODELS, ModelDims, measured_peak_bytes, trace_peak_bytes
+from dexar.trace.memory import (
+    HEADROOM,
+    KNOWN_MODELS,
+    ModelDims,
+    measured_peak_bytes,
+    retained_bytes,
+    trace_peak_bytes,
+)
 
 SHARED = frozenset().union(*(build_method(name).needs for name in METHODS)) - {"extra_forwards"}
 """Every method's trace needs at once (the probes' own forwards are not part of the trace)."""
@@ -34,15 +43,8 @@ def _batch(adapter, count, answer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_predicted_peak_within_25_percent_of_measured(dtype):
-    """Both plans, batch 1 and 3, answers of 5/9/17 tokens, GQA: predicted / measured in [0.8, 1.25].
-
-    The measured spread is 0.84–1.24 (DEX-AR alone under-predicts short answers in float32 by 16% and
-    over-predicts long bf16 batches by 24%; the shared trace over-predicts batches of 3 by 14–21%), so
-    this band is the model's accuracy today, not the ±15% issue 17.2 asks for. That dropping any one
-    term (the leaf rows' three copies, the re-run graph, the forward transient, CheferCAM's accumulated
-    products, the graph's probabilities) leaves the band was checked at ±15% on one answer length only.
-    """
+def test_predicted_peak_within_15_percent_of_measured(dtype):
+    """Both plans, batch 1 and 3, answers of 5/9/17 tokens, GQA: predicted / measured in [0.85, 1.15]."""
     model, processor = random_llava(hidden=128, layers=3, heads=8, kv_heads=2, grid=12, dtype=dtype, seed=0)
     adapter = get_adapter(model, processor)
     dims = ModelDims.from_config(adapter.text_config)
@@ -57,8 +59,8 @@ def test_predicted_peak_within_25_percent_of_measured(dtype):
                     call = partial(run_trace, adapter, batch, needs, 1)
                 call()  # warm-up: lazy buffers (rotary caches, registered functions) are not the trace's
                 measured = measured_peak_bytes(call)
-                ratios[plan, count, t] = trace_peak_bytes(dims, n, t, count, plan, dtype, grad_chunk=1) / measured
-    assert all(0.8 <= r <= 1.25 for r in ratios.values()), ratios
+                ratios[plan, count, t] = trace_peak_bytes(dims, n, t, count, plan, dtype) / measured
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
 
 
 def test_measured_peak_sees_torch_allocations():
@@ -82,3 +84,51 @@ def test_known_models_match_their_configs():
 def test_unknown_plan_is_refused():
     with pytest.raises(ValueError, match="unknown plan"):
         trace_peak_bytes(KNOWN_MODELS["llava-1.5-7b"], 600, 20, plan="everything")
+
+
+SUB_BATCHED = {"dexar": "dexar", "chefercam": "chefercam", "gradcam": "gradcam", "iia": "iia", "attention": "attention"}
+
+
+def test_sub_batched_explanations_equal_the_whole_batch(tiny64, samples, monkeypatch):
+    """trace_batch=2 over three samples: traces of 2 + 1 samples; every method's maps as from one trace."""
+    explain_module = importlib.import_module("dexar.explain")  # `dexar.explain` is also the function
+
+    methods = {
+        label: build_method(name, **({"steps": 1} if name == "iia" else {})) for label, name in SUB_BATCHED.items()
+    }
+    whole = Explainer(*tiny64, methods).explain_samples(samples[:3])
+    sizes = []
+    trace = explain_module.run_trace
+    monkeypatch.setattr(
+        explain_module, "run_trace", lambda a, batch, *r: sizes.append(len(batch.input_ids)) or trace(a, batch, *r)
+    )
+    explainer = Explainer(*tiny64, methods, trace_batch=2)
+    parts = explainer.explain_samples(samples[:3])
+    assert sizes == [2, 1]
+    assert explainer.last_timings["trace"] > 0 and explainer.last_timings["method/iia"] > 0
+    for label in methods:
+        for a, b in zip(whole[label], parts[label], strict=True):
+            assert a.sample_id == b.sample_id and a.tokens == b.tokens
+            assert (a.token_maps - b.token_maps).abs().max() <= 1e-10, label
+            assert (a.sequence_map - b.sequence_map).abs().max() <= 1e-10, label
+
+
+def test_samples_per_trace_fill_the_free_memory(tiny64, samples, monkeypatch):
+    """On an accelerator the trace batch is what the memory model fits in the free memory (at least 1)."""
+    explain_module = importlib.import_module("dexar.explain")  # `dexar.explain` is also the function
+
+    methods = {"dexar": build_method("dexar"), "chefercam": build_method("chefercam"), "iia": build_method("iia")}
+    explainer = Explainer(*tiny64, methods)
+    adapter = explainer.adapter
+    batch = _batch(adapter, 3, ANSWERS[1])
+    assert explainer.samples_per_trace(batch) == 3  # the CPU: the whole batch
+    dims = ModelDims.from_config(adapter.text_config)
+    n, t = batch.input_ids.shape[1], batch.answer_ids.shape[1]
+    one = trace_peak_bytes(dims, n, t, 1, "shared", torch.float64)
+    probe = retained_bytes(dims, n, t, "shared", torch.float64) + trace_peak_bytes(
+        dims, n, t, 1, "probe", torch.float64
+    )
+    one = max(one, probe)
+    for free, expected in ((int(2.5 * one / HEADROOM), 2), (one // 2, 1), (10 * one, 9)):
+        monkeypatch.setattr(explain_module, "free_device_bytes", lambda device, free=free: free)
+        assert explainer.samples_per_trace(batch) == expected
