@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from torch.multiprocessing.spawn import ProcessRaisedException
 
+from callbacks.results_writer import ResultsWriter
 from callbacks.variant_record import VariantRecord
 from datamodules.common import BenchmarkDataModule, DatasetLayoutError
 from dexar.adapters import ADAPTERS, DexarInputError
@@ -207,6 +208,8 @@ class DexarCLI(LightningCLI):
                 # without this their media go to ./wandb
                 os.environ["WANDB_DIR"] = str(Path(root).resolve())
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand in ("predict", None):
+            trainer.callbacks = results_first(trainer.callbacks)
         if self.subcommand == "predict" and getattr(self, "variant_record", None) is not None:
             trainer.callbacks.append(VariantRecord(self.variant_record))  # variant.json, when the run starts
         if self.subcommand == "predict":
@@ -214,6 +217,16 @@ class DexarCLI(LightningCLI):
             # every explanation of the run in memory on every process (LightningCLI keeps them under DDP)
             trainer.predict = functools.partial(trainer.predict, return_predictions=False)
         return trainer
+
+
+def results_first(callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` with one :class:`~callbacks.ResultsWriter` first: a configured one, else a new one.
+
+    Every ``predict`` run writes ``results.json``, whatever its config lists, and before any other callback's
+    ``on_predict_end`` (a callback reading the file finds it complete).
+    """
+    writers = [c for c in callbacks if isinstance(c, ResultsWriter)]
+    return (writers[:1] or [ResultsWriter()]) + [c for c in callbacks if not isinstance(c, ResultsWriter)]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

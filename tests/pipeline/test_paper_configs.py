@@ -54,7 +54,12 @@ def test_paper_config_loads_without_the_model(path):
     logger = cli.config.trainer.logger
     assert logger.class_path.endswith("WandbLogger")
     assert logger.init_args.group and experiment["table"] in logger.init_args.tags
-    assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["HeatmapWriter", "Timing", "WandbMedia"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:4] == [
+        "ResultsWriter",
+        "HeatmapWriter",
+        "Timing",
+        "WandbMedia",
+    ]
     if path.parent.name == "shapes":
         assert cli.config.trainer.accelerator == "cpu"
     else:
@@ -97,5 +102,5 @@ def test_ablation_config_loads_without_the_model(path):
     cli = _load(path)
     assert cli.model.vlm is None, "the model must not be loaded when the config is parsed"
     assert cli.config.trainer.accelerator == "cpu"
-    assert [type(c).__name__ for c in cli.trainer.callbacks][:2] == ["HeatmapWriter", "Timing"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["ResultsWriter", "HeatmapWriter", "Timing"]
     assert cli.model.methods and cli.model.metric_sets
