@@ -4,6 +4,11 @@ Examples:
     python train_eval.py predict                      # bundled Shapes model on Shapes, CPU
     python train_eval.py fit --config configs/shapes/fit.yaml
     python train_eval.py predict --config configs/demo.yaml --trainer.devices 2 --trainer.strategy ddp
+    python train_eval.py predict --config configs/base/predict.yaml --config configs/data/pascal_voc.yaml \
+        --config configs/paper/table2_segmentation.yaml --data.root /data/voc
+
+``predict`` starts from ``configs/base/predict.yaml`` (trainer, W&B logger, callbacks) and ``configs/demo.yaml``
+(the Shapes demo); each ``--config`` overrides the ones before it (a paper config's header gives its command).
 
 Bad input (a dataset root in no known layout, a checkpoint that cannot be loaded, any
 :class:`~dexar.adapters.DexarInputError`) ends the run with one ``error: <message>`` and exit status 1,
@@ -23,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from torch.multiprocessing.spawn import ProcessRaisedException
 
+from callbacks.results_writer import ResultsWriter
 from callbacks.variant_record import VariantRecord
 from datamodules.common import BenchmarkDataModule, DatasetLayoutError
 from dexar.adapters import ADAPTERS, DexarInputError
@@ -36,8 +42,9 @@ from dexar.pipeline.experiments import GridError, apply_variant
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIGS = {
     "fit": [str(CONFIGS / "shapes" / "fit.yaml")],
-    "predict": [str(CONFIGS / "demo.yaml")],
+    "predict": [str(CONFIGS / "base" / "predict.yaml"), str(CONFIGS / "demo.yaml")],
 }
+"""Config files parsed before any ``--config``, per subcommand (also by ``main(run=False)``: the ``predict`` ones)."""
 USER_ERRORS = (DexarInputError, DatasetLayoutError)
 """Errors in what the user gave (data, checkpoint, prompt): printed as one ``error:`` message, exit 1."""
 
@@ -207,6 +214,8 @@ class DexarCLI(LightningCLI):
                 # without this their media go to ./wandb
                 os.environ["WANDB_DIR"] = str(Path(root).resolve())
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand in ("predict", None):
+            trainer.callbacks = results_first(trainer.callbacks)
         if self.subcommand == "predict" and getattr(self, "variant_record", None) is not None:
             trainer.callbacks.append(VariantRecord(self.variant_record))  # variant.json, when the run starts
         if self.subcommand == "predict":
@@ -216,8 +225,21 @@ class DexarCLI(LightningCLI):
         return trainer
 
 
+def results_first(callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` with one :class:`~callbacks.ResultsWriter` first: a configured one, else a new one.
+
+    Every ``predict`` run writes ``results.json``, whatever its config lists, and before any other callback's
+    ``on_predict_end`` (a callback reading the file finds it complete).
+    """
+    writers = [c for c in callbacks if isinstance(c, ResultsWriter)]
+    return (writers[:1] or [ResultsWriter()]) + [c for c in callbacks if not isinstance(c, ResultsWriter)]
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` when given.
+
+    ``run=False`` parses and instantiates a ``predict`` run without a subcommand (``args`` without
+    ``predict``): the same default configs, the same callbacks, nothing run.
 
     Raises:
         SystemExit: With ``error: <message>`` (status 1) for bad input (:data:`USER_ERRORS`), also when a
@@ -230,7 +252,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs={cmd: {"default_config_files": files} for cmd, files in DEFAULT_CONFIGS.items()},
+            parser_kwargs=(
+                {cmd: {"default_config_files": files} for cmd, files in DEFAULT_CONFIGS.items()}
+                if run
+                else {"default_config_files": DEFAULT_CONFIGS["predict"]}
+            ),
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             args=args,

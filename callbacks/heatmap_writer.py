@@ -172,7 +172,11 @@ class HeatmapWriter(BasePredictionWriter):
         write_sample_page(payload, self.output_dir / "explorer", index, metrics)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Rank 0 writes ``explorer/index.html`` once every process wrote its sample pages."""
+        """Rank 0 writes ``explorer/index.html`` once every process wrote its sample pages.
+
+        The run's means and curves come from the module's ``summary`` (what ``ResultsWriter`` writes as
+        ``results.json``), not from the file: the index is right whichever of the two callbacks runs first.
+        """
         if not self.explorer or self.num_overlays <= 0:
             return
         trainer.strategy.barrier("explorer_index")  # every rank's pages are on disk
@@ -181,7 +185,9 @@ class HeatmapWriter(BasePredictionWriter):
             from dexar.explorer.predict import write_predict_index
 
             specs = metric_specs(getattr(pl_module, "metric_sets", {}))
-            index = write_predict_index(self.output_dir, specs, limit=self.num_overlays)
+            summary = getattr(pl_module, "summary", None)
+            results = None if summary is None else json.loads(jsonsafe.dumps(summary))  # as results.json reads
+            index = write_predict_index(self.output_dir, specs, limit=self.num_overlays, results=results)
             if index is not None:
                 print(f"HeatmapWriter: explorer of the first {self.num_overlays} samples: {index}")
 

@@ -108,22 +108,29 @@ def read_sample_rows(explorer_dir: str | Path, limit: int | None = None) -> list
 
 
 def write_predict_index(
-    run_dir: str | Path, metrics: Sequence[MetricSpec], limit: int | None = None, title: str | None = None
+    run_dir: str | Path,
+    metrics: Sequence[MetricSpec],
+    limit: int | None = None,
+    title: str | None = None,
+    results: Mapping[str, Any] | None = None,
 ) -> Path | None:
-    """Write ``<run_dir>/explorer/index.html`` from the sample pages and ``results.json``; None if no page.
+    """Write ``<run_dir>/explorer/index.html`` from the sample pages and the run's results; None if no page.
 
     Args:
-        run_dir: The run directory (``results.json`` there gives the means, curves, dataset and model).
+        run_dir: The run directory.
         metrics: The per-sample metrics, in column order (:func:`~dexar.explorer.run.metric_specs`).
         limit: List only dataset indices below this (``num_overlays``).
         title: Page title; default: the run directory's name.
+        results: The ``results.json`` payload (means, curves, dataset, model), as parsed JSON; default: read
+            ``<run_dir>/results.json`` (empty if there is none).
     """
     run_dir = Path(run_dir)
     explorer_dir = run_dir / "explorer"
     rows = read_sample_rows(explorer_dir, limit)
     if not rows:
         return None
-    results_file = run_dir / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if results is None:
+        results_file = run_dir / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     run = run_payload_from_results(results, [], list(metrics), title or run_dir.resolve().name)
     return write_run_index(run, rows, explorer_dir)

@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         help="list (or run, or write a W&B sweep of) the variants of a config's grid",
         epilog="Other arguments (e.g. --data.root D --trainer.devices 4) are appended to every run.",
     )
-    grid.add_argument("config", help="LightningCLI config with an experiment.grid section (configs/paper/...)")
+    grid.add_argument(
+        "config",
+        help="LightningCLI config with an experiment.grid section (configs/paper/...); each command carries the "
+        "--config flags its header composes it from (configs/base/predict.yaml, configs/data/...)",
+    )
     grid.add_argument("--run", action="store_true", help="run the variants one after the other")
     grid.add_argument("--sweep", default=None, help="write a W&B sweep YAML (method: grid) to this file instead")
     rep = sub.add_parser("report", help="rebuild the paper's tables (Markdown, CSV, PNG) from finished runs")

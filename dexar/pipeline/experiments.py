@@ -1,4 +1,4 @@
-"""Ablation grids: a paper config declares axes of settings; each combination is one run (one variant).
+r"""Ablation grids: a paper config declares axes of settings; each combination is one run (one variant).
 
 A config's top-level ``experiment`` section names the paper table and declares the grid::
 
@@ -13,6 +13,13 @@ A config's top-level ``experiment`` section names the paper table and declares t
           key: model.init_args.methods.dexar.head_filter
           values: [none, max, top-0.05, avg]
 
+A paper config holds only what differs from the configs it is composed on: ``configs/base/predict.yaml``
+(trainer, logger, callbacks) and, for a real dataset, ``configs/data/<dataset>.yaml``. Its header gives the
+command, every ``--config`` in order (:func:`composition` reads it), e.g.::
+
+    # Run:   python train_eval.py predict --config configs/base/predict.yaml --config configs/data/pascal_voc.yaml \
+    #            --config configs/paper/table3_head_filter.yaml --data.root <path>
+
 A run selects a variant with ``--variant.<axis> <label>`` (what ``dexar grid`` prints and what a W&B
 sweep agent passes); :func:`apply_variant` writes its settings into the parsed config, gives it its own
 run directory ``<default_root_dir>/<axis>-<label>_...`` and, with a ``WandbLogger``, a run name and one
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -144,10 +152,64 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     return dict(experiment)
 
 
+HEADER_COMMAND = re.compile(r"train_eval\.py predict\b(.*)")
+HEADER_CONFIG = re.compile(r"--config\s+(\S+)")
+
+
+def composition(config: str | Path) -> list[str]:
+    r"""The config files ``config`` is run with, in ``--config`` order and ending with ``config`` itself.
+
+    They are the ``--config`` flags of the first ``train_eval.py predict`` command in the file's leading
+    comment (lines ending in ``\`` continue it), written relative to the repository root (the folder
+    holding ``configs/``); each is returned as ``config`` was given: relative to the working directory
+    when ``config`` is relative, else absolute. A config whose header names no config is run alone.
+
+    Raises:
+        GridError: The header's command does not end with the config itself, or names a missing file.
+    """
+    path = Path(config)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise GridError(f"{config}: cannot read config ({err})") from None
+    comment = [line.lstrip("#").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines)]
+    command = ""
+    for i, line in enumerate(comment):
+        found = HEADER_COMMAND.search(line)
+        if found:
+            command = found[1]
+            while command.rstrip().endswith("\\") and i + 1 < len(comment):
+                i += 1
+                command = command.rstrip()[:-1] + " " + comment[i]
+            break
+    named = [Path(c) for c in HEADER_CONFIG.findall(command)]
+    if not named:
+        return [str(config)]
+    itself = named[-1].parts
+    resolved = path.resolve()
+    if resolved.parts[-len(itself) :] != itself:
+        raise GridError(f"{config}: the header's command must end with --config {config} (it ends with {named[-1]})")
+    root = Path(*resolved.parts[: -len(itself)])
+    out = []
+    for name in named[:-1]:
+        if not (root / name).is_file():
+            raise GridError(f"{config}: the header's command names {name}, which is not in {root}")
+        out.append(str(root / name) if path.is_absolute() else os.path.relpath(root / name))
+    return [*out, str(config)]
+
+
+def config_flags(config: str | Path) -> list[str]:
+    """``--config A --config B ... --config <config>``: the flags of :func:`composition`."""
+    return [flag for name in composition(config) for flag in ("--config", name)]
+
+
 def commands(config: str | Path, extra: Sequence[str] = (), program: str = "train_eval.py") -> list[list[str]]:
-    """One ``predict`` command per variant of ``config``'s grid (just the config when it has none)."""
+    """One ``predict`` command per variant of ``config``'s grid (just the config when it has none).
+
+    Each starts with the ``--config`` flags of the config's :func:`composition`.
+    """
     axes = parse_grid(load_experiment(config).get("grid"), str(config))
-    base = ["python", program, "predict", "--config", str(config)]
+    base = ["python", program, "predict", *config_flags(config)]
     if not axes:
         return [base + list(extra)]
     out = []
@@ -176,7 +238,7 @@ def sweep(config: str | Path, extra: Sequence[str] = (), program: str = "train_e
         "program": program,
         "method": "grid",
         "parameters": {f"variant.{a.name}": {"values": list(a.levels)} for a in axes},
-        "command": ["${env}", "${interpreter}", "${program}", "predict", "--config", str(config), "${args}", *extra],
+        "command": ["${env}", "${interpreter}", "${program}", "predict", *config_flags(config), "${args}", *extra],
     }
 
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import copy
-import csv
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,7 +21,6 @@ from dexar.explanation import Explanation
 from dexar.loading import load_model
 from dexar.methods import build_method
 from dexar.phase_timing import PhaseTotals
-from dexar.pipeline import jsonsafe
 from dexar.pipeline.coverage import (
     NothingEvaluatedError,
     count_misses,
@@ -109,7 +105,8 @@ class ExplainerModule(L.LightningModule):
 
     A run in which nothing was evaluated (no sample explained, or no metric received a valid sample)
     prints, per metric, why its count is 0 and raises :class:`~dexar.pipeline.coverage.NothingEvaluatedError`
-    (a :class:`~dexar.adapters.DexarInputError`: one line, exit 1) after writing ``results.json``.
+    (a :class:`~dexar.adapters.DexarInputError`: one line, exit 1) after ``callbacks.ResultsWriter`` wrote
+    ``results.json``.
 
     Args:
         model: Checkpoint directory or cached hub id (default: the bundled Shapes model).
@@ -192,6 +189,10 @@ class ExplainerModule(L.LightningModule):
         self.nothing_evaluated: str | None = None
         self.num_evaluation_failed = 0
         self.evaluation_failures: dict[str, int] = {}
+        self.zero_count_reasons: dict[str, dict[str, str]] = {}
+        self.summary: dict[str, Any] | None = None
+        """What ``results.json`` holds (set at predict epoch end, every rank): dataset, model, sample counts,
+        ``results``, ``curves``; ``callbacks.ResultsWriter`` writes it, ``HeatmapWriter`` indexes the explorer by it."""
 
     def setup(self, stage: str) -> None:
         """Before predict, stop in one line on an empty dataset or more processes than samples.
@@ -462,13 +463,14 @@ class ExplainerModule(L.LightningModule):
         return output
 
     def on_predict_epoch_end(self) -> None:
-        """Compute every metric (synced across processes: every rank takes part), then report on rank 0.
+        """Compute every metric (synced across processes: every rank takes part) into :attr:`summary`.
 
         ``self.results[label][metric]`` holds ``value`` (mean over valid samples), ``count`` and
         ``skipped`` (degenerate samples, never averaged in); a metric with no valid sample also holds
-        ``reason`` (why), a method the model cannot run ``n/a`` (why) instead. Rank 0 logs them through
-        the logger and writes ``results.json`` and ``results.csv`` in the run directory. Every
-        collective here has the same shape on every rank, whatever each rank computed.
+        ``reason`` (why), a method the model cannot run ``n/a`` (why) instead. ``callbacks.ResultsWriter``
+        logs them through the logger and writes ``results.json`` and ``results.csv`` in the run directory
+        (rank 0, at predict end). Every collective here has the same shape on every rank, whatever each
+        rank computed.
         """
         rows = self._merge_contributions()
         if self.evaluator is not None:
@@ -505,23 +507,29 @@ class ExplainerModule(L.LightningModule):
         self.nothing_evaluated = _nothing_evaluated(
             self.results, self.num_explained, self.num_unreadable, self.num_failed
         )
-        if self.trainer.is_global_zero:
-            report_results(
-                self.trainer,
-                self,
-                self.results,
-                self.num_failed,
-                self.num_unreadable,
-                self.curves,
-                self.not_applicable,
-                self.num_evaluation_failed,
-                self.evaluation_failures,
-            )
-            for line in zero_count_lines(reasons):
-                print(line)
+        self.zero_count_reasons = reasons
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.summary = {
+            "dataset": type(datamodule).__name__ if datamodule is not None else "dataloader",
+            "model": str(self.hparams.model),
+            "failed_samples": self.num_failed,
+            "unreadable_samples": self.num_unreadable,
+            "evaluation_failed_samples": self.num_evaluation_failed,
+            "evaluation_failures": self.evaluation_failures,
+            "not_applicable": dict(self.not_applicable),
+            "results": self.results,
+            "curves": self.curves,
+        }
 
     def on_predict_end(self) -> None:
-        """Fail a run that evaluated nothing (after every callback logged and wrote what there was)."""
+        """Say why a metric's count is 0, and fail a run that evaluated nothing.
+
+        Lightning calls this after every callback's ``on_predict_end``: ``callbacks.ResultsWriter`` has written
+        ``results.json`` and the other callbacks what there was.
+        """
+        if self.trainer.is_global_zero:
+            for line in zero_count_lines(self.zero_count_reasons):
+                print(line)
         if self.nothing_evaluated:
             raise NothingEvaluatedError(self.nothing_evaluated)
 
@@ -602,83 +610,3 @@ def _describe_metric(metric: Any) -> dict[str, Any]:
     """Class and level grid of a metric: what its per-sample states depend on."""
     levels = getattr(metric, "levels", None)
     return {"class": type(metric).__name__, "levels": levels.tolist() if levels is not None else None}
-
-
-def report_results(
-    trainer: L.Trainer,
-    module: ExplainerModule,
-    results: dict,
-    num_failed: int,
-    num_unreadable: int = 0,
-    curves: dict | None = None,
-    not_applicable: dict[str, str] | None = None,
-    num_evaluation_failed: int = 0,
-    evaluation_failures: dict[str, int] | None = None,
-) -> None:
-    """Rank 0: log metrics through the logger, write ``results.json`` / ``results.csv``, print a table.
-
-    ``failed_samples`` counts samples whose explanation raised; ``unreadable_samples`` those whose
-    files could not be decoded (dropped by the datamodule's collate); ``evaluation_failed_samples``
-    those whose evaluation raised for some method (``evaluation_failures``: per method), all summed
-    over ranks.
-    ``results.json`` is strict JSON: a value with no valid sample (NaN) is ``null``, beside its
-    ``count``, ``skipped`` and ``reason``; ``not_applicable`` lists the methods the model cannot run.
-    ``results.csv`` writes ``n/a`` for those and keeps the reason in ``note``.
-    """
-    run_dir = Path(trainer.default_root_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = getattr(trainer, "datamodule", None)
-    dataset = type(datamodule).__name__ if datamodule is not None else "dataloader"
-    model = str(module.hparams.model)
-    rows = [
-        {
-            "dataset": dataset,
-            "model": model,
-            "method": label,
-            "metric": name,
-            "value": "n/a" if stats.get("n/a") else stats["value"],
-            "count": stats["count"],
-            "skipped": stats["skipped"],
-            "note": stats.get("n/a") or stats.get("reason", ""),
-        }
-        for label, group in results.items()
-        for name, stats in group.items()
-    ]
-    payload = {
-        "dataset": dataset,
-        "model": model,
-        "failed_samples": num_failed,
-        "unreadable_samples": num_unreadable,
-        "evaluation_failed_samples": num_evaluation_failed,
-        "evaluation_failures": evaluation_failures or {},
-        "not_applicable": not_applicable or {},
-        "results": results,
-        "curves": curves or {},
-    }
-    tmp = run_dir / f".results.json.{os.getpid()}.tmp"  # atomic: a reader never sees half a file
-    tmp.write_text(jsonsafe.dumps(payload, indent=2))
-    os.replace(tmp, run_dir / "results.json")
-    with open(run_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["dataset", "model", "method", "metric"])
-        writer.writeheader()
-        writer.writerows(rows)
-    numeric = [r for r in rows if isinstance(r["value"], float)]
-    if trainer.logger is not None and rows:
-        trainer.logger.log_metrics({f"{r['method']}/{r['metric']}": r["value"] for r in numeric})
-        counts = {"failed_samples": num_failed, "unreadable_samples": num_unreadable}
-        counts["evaluation_failed_samples"] = num_evaluation_failed
-        trainer.logger.log_metrics({k: float(v) for k, v in counts.items()})
-    if rows:
-        width = max(len(r["method"]) for r in rows) + 2
-        print(f"{'method':<{width}}{'metric':<24}{'value':>10}{'count':>8}{'skipped':>9}")
-        for r in rows:
-            value = f"{r['value']:>10.4f}" if isinstance(r["value"], float) else f"{r['value']:>10}"
-            print(f"{r['method']:<{width}}{r['metric']:<24}{value}{r['count']:>8}{r['skipped']:>9}")
-    evaluation = ""
-    if num_evaluation_failed:
-        per_method = ", ".join(f"{label}: {n}" for label, n in (evaluation_failures or {}).items())
-        evaluation = f", {num_evaluation_failed} failed evaluation ({per_method})"
-    print(
-        f"results: {run_dir / 'results.json'}, {run_dir / 'results.csv'} "
-        f"({num_failed} samples failed, {num_unreadable} unreadable{evaluation})"
-    )

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import metrics as M
-from callbacks import HeatmapWriter, Timing, WandbMedia
+from callbacks import HeatmapWriter, ResultsWriter, Timing, WandbMedia
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar.adapters.geometry import MapGeometry
 from dexar.explanation import Explanation
@@ -205,7 +205,8 @@ def _predict(checkpoint: str, out: Path, *extra, devices: int = 1, logger=False)
         enable_progress_bar=False,
         enable_checkpointing=False,
         default_root_dir=str(out),
-        callbacks=[HeatmapWriter(num_overlays=OVERLAYS), Timing(), WandbMedia(), *extra],
+        # ResultsWriter last, the order where an index built from results.json would miss the means
+        callbacks=[HeatmapWriter(num_overlays=OVERLAYS), Timing(), WandbMedia(), *extra, ResultsWriter()],
     )
     trainer.predict(
         module, datamodule=ShapesDataModule(num_samples=NUM_SAMPLES, batch_size=BATCH), return_predictions=False

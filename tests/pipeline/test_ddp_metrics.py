@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from callbacks import ResultsWriter
 from datamodules.shapes import ShapesDataModule
 from dexar import SHAPES_CHECKPOINT
 from dexar.pipeline.module import ExplainerModule
@@ -61,6 +62,7 @@ def _results(run_dir, batch_size, devices=1, strategy="auto") -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=str(run_dir),
+        callbacks=[ResultsWriter()],
     )
     data = ShapesDataModule(num_samples=NUM_SAMPLES, batch_size=batch_size)
     trainer.predict(module, datamodule=data, return_predictions=False)

@@ -20,7 +20,7 @@ from torch.multiprocessing.spawn import ProcessRaisedException
 from datamodules.fixtures import make_imagenet, make_imagenet_c, make_voc, make_vqav2
 from dexar.adapters import DexarInputError
 from dexar.pipeline.module import ExplainerModule
-from train_eval import main, spawned_user_error
+from train_eval import main, results_first, spawned_user_error
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "configs" / "data"
@@ -189,3 +189,18 @@ def test_the_cli_defaults_to_inference_mode_off_and_validates_metric_names(capsy
         main([*base, "--model.init_args.metrics", "{soft: {class_path: metrics.SoftIOU}}"], run=False)
     err = capsys.readouterr().err
     assert 'Parser key "metrics"' in err and "metrics.SoftIOU" in err
+
+
+def test_every_predict_run_gets_one_results_writer_first():
+    """``results.json`` needs no config entry: the CLI puts one ResultsWriter before every other callback,
+    the configured one when a config lists it (anywhere), else a new one."""
+    from callbacks import HeatmapWriter, ResultsWriter, Timing
+
+    heat, timing, configured = HeatmapWriter(), Timing(), ResultsWriter(output_dir="elsewhere")
+    added = results_first([heat, timing])
+    assert isinstance(added[0], ResultsWriter) and added[1:] == [heat, timing]
+    assert results_first([heat, configured, timing]) == [configured, heat, timing]
+    assert results_first([configured, heat, ResultsWriter()]) == [configured, heat]
+    cli = main(["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false"], run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names[:4] == ["ResultsWriter", "HeatmapWriter", "Timing", "WandbMedia"] and names.count("ResultsWriter") == 1

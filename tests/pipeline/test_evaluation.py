@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
 import metrics as M
-from callbacks import HeatmapWriter, Timing, WandbMedia
+from callbacks import HeatmapWriter, ResultsWriter, Timing, WandbMedia
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import Explainer, load_model
 from dexar.methods import DexAR
@@ -67,7 +67,7 @@ def test_predict_evaluates_writes_results_and_logs_to_wandb(tiny_checkpoint, tmp
         logger=logger,
         enable_progress_bar=False,
         default_root_dir=str(tmp_path),
-        callbacks=[HeatmapWriter(num_overlays=2), Timing(), WandbMedia()],
+        callbacks=[ResultsWriter(), HeatmapWriter(num_overlays=2), Timing(), WandbMedia()],
     )
     trainer.predict(module, datamodule=ShapesDataModule(num_samples=4, batch_size=2), return_predictions=False)
     logger.experiment.finish()

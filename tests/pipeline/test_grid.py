@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,3 +156,44 @@ def test_predict_writes_variant_json_through_a_callback(tmp_path, monkeypatch):
     assert len(written) == 1 and written[0].parent.name == "relu-false"
     record = json.loads(written[0].read_text())
     assert record["table"] == "table3" and record["variant"] == {"relu": "false"}
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE2 = ROOT / "configs" / "paper" / "table2_segmentation.yaml"
+
+
+def test_dexar_grid_emits_the_composition_of_a_paper_config(tmp_path, monkeypatch, capsys):
+    """Every command carries the header's --config flags, in order; a relative config gives relative flags
+    that resolve from where `dexar grid` runs, and the command they make parses from there."""
+    composed = [ROOT / "configs" / "base" / "predict.yaml", ROOT / "configs" / "data" / "pascal_voc.yaml", TABLE2]
+    assert cli_main(["grid", str(TABLE2), "--data.root", "/d"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    flags = " ".join(f"--config {c}" for c in composed)
+    assert len(lines) == 4 and all(
+        line.startswith(f"python train_eval.py predict {flags} --variant.model ") for line in lines
+    )
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(TABLE2)
+    (command, *_) = grid.commands(relative, ["--data.root", "/d"])
+    assert command[4:9:2] == [os.path.relpath(c) for c in composed] and set(command[3:9:2]) == {"--config"}
+    cli = main(command[3:], run=False)  # from another directory: the configs are found by path
+    assert cli.config.trainer.default_root_dir == "runs/paper/table2_segmentation/model-llava-1.5"
+    assert cli.config.trainer.accelerator == "auto" and cli.config.data.class_path.endswith("PascalVOCDataModule")
+    sweep = grid.sweep(relative)
+    assert sweep["command"][4:10] == command[3:9]
+
+
+def test_header_command_must_end_with_the_config_itself(tmp_path, capsys):
+    config = tmp_path / "configs" / "paper" / "mine.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        "# Run: python train_eval.py predict --config configs/paper/other.yaml\nexperiment: {table: table2}\n"
+    )
+    assert cli_main(["grid", str(config)]) == 2
+    assert "must end with --config" in capsys.readouterr().err
+    config.write_text(
+        "# Run: python train_eval.py predict --config configs/base/none.yaml \\\n"
+        "#          --config configs/paper/mine.yaml\nexperiment: {table: table2}\n"
+    )
+    assert cli_main(["grid", str(config)]) == 2
+    assert "names configs/base/none.yaml, which is not in" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 import metrics as M
-from callbacks import HeatmapWriter, Timing, read_shards
+from callbacks import HeatmapWriter, ResultsWriter, Timing, read_shards
 from callbacks.heatmap_writer import SHARD_GLOB
 from datamodules.fixtures import make_imagenet
 from datamodules.imagenet import ImageNetDataModule
@@ -184,7 +184,7 @@ def _trainer(out_dir, **kwargs):
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=str(out_dir),
-        callbacks=[HeatmapWriter(num_overlays=1), Timing()],
+        callbacks=[ResultsWriter(), HeatmapWriter(num_overlays=1), Timing()],
         **kwargs,
     )
 

@@ -1,4 +1,4 @@
-"""Every configs/paper and configs/ablations YAML parses on top of the default predict config, model unloaded."""
+"""Every configs/paper and configs/ablations YAML parses as its header composes it, model unloaded."""
 
 from __future__ import annotations
 
@@ -25,12 +25,31 @@ HUB_IDS = {  # appendix B of the paper
 }
 
 
+SHIPPED = CONFIGS + sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
+DATA = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "data").glob("*.yaml")}
+
+
 @functools.cache
 def _load(path: Path):
-    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(path)]
+    """The config parsed as its header's command runs it (after the default predict configs)."""
+    args = grid.config_flags(path)
     if path.parent == PAPER:  # real datasets; Shapes (paper/shapes, ablations) is generated
         args += ["--data.root", "/data/nowhere"]
     return main(args, run=False)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_header_composes_the_base_then_the_dataset_then_the_config(path):
+    """The header's command: configs/base/predict.yaml first, a paper config on a real dataset on its data config."""
+    names = [Path(c).relative_to(ROOT).as_posix() for c in grid.composition(path)]
+    assert names[0] == "configs/base/predict.yaml" and names[-1] == path.relative_to(ROOT).as_posix()
+    data = [n for n in names if n.startswith("configs/data/")]
+    assert names == ["configs/base/predict.yaml", *data, names[-1]] and len(data) == (path.parent == PAPER)
+    own = yaml.safe_load(path.read_text())
+    assert "seed_everything" not in own  # configs/base/predict.yaml's, as the trainer and logger blocks below
+    assert set(own["trainer"]) <= {"accelerator", "default_root_dir", "logger", "callbacks"}
+    assert set(own["trainer"]["logger"]["init_args"]) == {"group", "tags"}
+    assert "callbacks" not in own["trainer"] or path.parent.name == "ablations"  # ablations: fewer overlays, no media
 
 
 def test_every_paper_table_has_a_config_and_tables_2_to_5_a_shapes_one():
@@ -54,7 +73,12 @@ def test_paper_config_loads_without_the_model(path):
     logger = cli.config.trainer.logger
     assert logger.class_path.endswith("WandbLogger")
     assert logger.init_args.group and experiment["table"] in logger.init_args.tags
-    assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["HeatmapWriter", "Timing", "WandbMedia"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:4] == [
+        "ResultsWriter",
+        "HeatmapWriter",
+        "Timing",
+        "WandbMedia",
+    ]
     if path.parent.name == "shapes":
         assert cli.config.trainer.accelerator == "cpu"
     else:
@@ -66,17 +90,17 @@ def test_paper_config_loads_without_the_model(path):
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent == PAPER], ids=lambda p: p.stem)
-def test_paper_data_block_matches_its_data_config(path):
-    data = yaml.safe_load(path.read_text())["data"]
-    name = {"ImageNetDataModule": "imagenet", "VQAv2DataModule": "vqav2", "PascalVOCDataModule": "pascal_voc"}
-    name |= {"PascalVOCQADataModule": "pascal_voc_qa", "ImageNetCDataModule": "imagenet_c"}
-    reference = yaml.safe_load(
-        (ROOT / "configs" / "data" / f"{name[data['class_path'].rsplit('.', 1)[1]]}.yaml").read_text()
-    )
-    assert data["class_path"] == reference["data"]["class_path"]
-    ours = {k: v for k, v in data["init_args"].items() if k != "batch_size"}
-    theirs = {k: v for k, v in reference["data"]["init_args"].items() if k != "batch_size"}
-    assert ours == theirs
+def test_paper_run_reads_its_data_config(path):
+    """The dataset comes from configs/data (no copy to keep in sync): its class and every init arg, but
+    ``root`` (given on the command line) and the few the paper config sets itself (only ``batch_size``)."""
+    (data_config,) = [Path(c).stem for c in grid.composition(path) if Path(c).parent.name == "data"]
+    own = (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}
+    assert set(own) <= {"batch_size"} and "class_path" not in (yaml.safe_load(path.read_text()).get("data") or {})
+    reference = DATA[data_config]["data"]
+    parsed = _load(path).config.data
+    assert parsed.class_path == reference["class_path"]
+    expected = {**reference["init_args"], **own, "root": "/data/nowhere"}
+    assert {k: parsed.init_args[k] for k in expected} == expected
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if grid.load_experiment(p).get("grid")], ids=lambda p: p.stem)
@@ -97,5 +121,5 @@ def test_ablation_config_loads_without_the_model(path):
     cli = _load(path)
     assert cli.model.vlm is None, "the model must not be loaded when the config is parsed"
     assert cli.config.trainer.accelerator == "cpu"
-    assert [type(c).__name__ for c in cli.trainer.callbacks][:2] == ["HeatmapWriter", "Timing"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["ResultsWriter", "HeatmapWriter", "Timing"]
     assert cli.model.methods and cli.model.metric_sets

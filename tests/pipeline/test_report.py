@@ -15,6 +15,7 @@ import yaml
 
 from datamodules.fixtures import make_imagenet
 from dexar.adapters.florence2 import Florence2Adapter
+from dexar.pipeline import experiments as grid
 from dexar.pipeline.cli import main as cli_main
 from dexar.pipeline.report.paper_numbers import PAPER
 from dexar.pipeline.report.tables import TABLES, build_table, collect, display, format_value, report, to_markdown
@@ -104,7 +105,7 @@ def shapes_runs(tmp_path_factory):
     }
     for name, variants in runs.items():
         for variant in variants:
-            args = ["predict", "--config", str(SHAPES / f"{name}.yaml"), *variant, *SMALL]
+            args = ["predict", *grid.config_flags(SHAPES / f"{name}.yaml"), *variant, *SMALL]  # as its header says
             args += ["--trainer.default_root_dir", str(root / name)]
             if name == "table4_filtering":
                 args += ["--trainer.logger.init_args.save_dir", str(root / name)]
@@ -240,7 +241,14 @@ def test_florence2_table1b_run_finishes_with_na_cells(tmp_path, capsys, caplog):
     florence["model.init_args.model"] = str(checkpoint)
     (tmp_path / "table1b_imagenet.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     runs = tmp_path / "runs"
-    args = ["predict", "--config", str(tmp_path / "table1b_imagenet.yaml"), "--variant.model", "florence-2"]
+    composed = grid.composition(ROOT / "configs" / "paper" / "table1b_imagenet.yaml")[:-1]  # base, data
+    args = [
+        "predict",
+        *[a for c in composed for a in ("--config", c)],
+        "--config",
+        str(tmp_path / "table1b_imagenet.yaml"),
+    ]
+    args += ["--variant.model", "florence-2"]
     args += ["--data.init_args.root", str(tmp_path / "imagenet"), "--data.init_args.num_workers", "0"]
     args += ["--model.init_args.dtype", "float32", "--model.init_args.time_alone_batches", "0"]
     args += ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(runs)]

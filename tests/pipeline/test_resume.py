@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import metrics as M
-from callbacks import HeatmapWriter, Timing, WandbMedia, read_progress, read_shards
+from callbacks import HeatmapWriter, ResultsWriter, Timing, WandbMedia, read_progress, read_shards
 from callbacks import heatmap_writer as hw
 from datamodules.shapes import ShapesDataModule
 from dexar.pipeline.module import ExplainerModule
@@ -87,7 +87,7 @@ def _run(
         enable_progress_bar=False,
         enable_checkpointing=False,
         default_root_dir=str(out),
-        callbacks=[writer, Timing(), WandbMedia(), *extra],
+        callbacks=[ResultsWriter(), writer, Timing(), WandbMedia(), *extra],
     )
     trainer.predict(
         module, datamodule=ShapesDataModule(num_samples=NUM_SAMPLES, batch_size=BATCH), return_predictions=False

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import metrics as M
+from callbacks import ResultsWriter
 from datamodules.shapes import ShapesDataModule, make_shapes_sample
 from dexar import SHAPES_CHECKPOINT
 from dexar.pipeline.module import ExplainerModule
@@ -106,6 +107,7 @@ def _predict(run_dir: Path, devices: int, fail_rank: int, num_samples: int = 5) 
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=str(run_dir),
+        callbacks=[ResultsWriter()],
     )
     trainer.predict(
         module, datamodule=ShapesDataModule(num_samples=num_samples, batch_size=2), return_predictions=False
