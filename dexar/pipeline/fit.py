@@ -29,6 +29,7 @@ class ShapesFitModule(L.LightningModule):
         init_seed: Seed of the weight initialisation.
         output_dir: Where the trained HF checkpoint is saved at the end of ``fit``.
         max_new_tokens: Generation budget for validation exact match.
+        text_layers: Decoder layers of the language model.
 
     """
 
@@ -43,11 +44,12 @@ class ShapesFitModule(L.LightningModule):
         init_seed: int = 0,
         output_dir: str = SHAPES_CHECKPOINT,
         max_new_tokens: int = 32,
+        text_layers: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.processor = build_shapes_processor()
-        self.model = build_shapes_model(self.processor, seed=init_seed)
+        self.model = build_shapes_model(self.processor, seed=init_seed, text_layers=text_layers)
         self.adapter = get_adapter(self.model, self.processor)
         self._val_hits: list[float] = []
 

@@ -43,8 +43,8 @@ def tokenizer_specials() -> dict[str, Any]:
     }
 
 
-def build_shapes_config(tokenizer: Any) -> LlavaConfig:
-    """LLaVA config: CLIP tower (hidden 128, 4 layers) → GELU projector → Llama (hidden 128, 3 layers)."""
+def build_shapes_config(tokenizer: Any, text_layers: int = 3) -> LlavaConfig:
+    """LLaVA config: CLIP tower (hidden 128, 4 layers) → GELU projector → Llama (hidden 128, ``text_layers``)."""
     vision = CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=512,
@@ -58,7 +58,7 @@ def build_shapes_config(tokenizer: Any) -> LlavaConfig:
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=512,
-        num_hidden_layers=3,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
@@ -79,9 +79,11 @@ def build_shapes_config(tokenizer: Any) -> LlavaConfig:
     )
 
 
-def build_shapes_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_shapes_model(
+    processor: LlavaProcessor, seed: int = 0, text_layers: int = 3
+) -> LlavaForConditionalGeneration:
     """A freshly initialised Shapes model (deterministic for a seed), SDPA attention."""
-    config = build_shapes_config(processor.tokenizer)
+    config = build_shapes_config(processor.tokenizer, text_layers)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
