@@ -61,10 +61,11 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _composed(*paths: Path) -> dict:
+def _composed(path: Path) -> dict:
+    """``path`` composed as its header's command runs it (``experiments.composition``), on the predict base."""
     config: dict = {}
-    for path in dict.fromkeys([PREDICT_BASE, *paths]):
-        config = _merge(config, yaml.safe_load(path.read_text()) or {})
+    for part in dict.fromkeys([PREDICT_BASE, *map(Path, grid.composition(path))]):
+        config = _merge(config, yaml.safe_load(part.read_text()) or {})
     return config
 
 
