@@ -1,9 +1,11 @@
 """Localization of content-token maps on held-out Shapes images (EPG against the named object's mask).
 
-For every content token (colour or shape word) of the ground-truth caption, its token map is placed
-on the image (``adapter.map_geometry``; on the square 64×64 images, the bilinear upsampling) and
-scored with the Energy Pointing Game against the mask of the object it names. Chance is the mean area
-fraction of those objects. Rows: DEX-AR (all layers and each layer alone) and raw attention
+For every content piece (each piece of a colour or shape word, labelled through
+:func:`dexar.labels.sample_token_labels`) of the ground-truth caption, its token map is upsampled
+(bilinear) to the 64×64 view the model saw and scored with the Energy Pointing Game against the mask of
+the object its word names, taken through the processor's crop (:func:`datamodules.shapes.view_mask`).
+Chance is the mean area fraction of those masks in the view.
+Rows: DEX-AR (all layers and each layer alone) and raw attention
 (Σ_l mean_h A[p_t, V], and each layer alone).
 
     python benchmarks/localization.py [--samples 500] [--checkpoint PATH]
@@ -16,13 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.shapes import make_shapes_sample  # noqa: E402
+from datamodules.shapes import make_shapes_sample, view_mask  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, load_model  # noqa: E402
 from dexar.adapters import get_adapter  # noqa: E402
+from dexar.labels import sample_token_labels  # noqa: E402
 from dexar.methods import DexAR, RawAttention  # noqa: E402
+from dexar.shapes.vocabulary import IMAGE_SIZE  # noqa: E402
 from dexar.trace import run as run_trace
 from metrics.functional import energy_pointing_game  # noqa: E402
 
@@ -51,22 +56,30 @@ def main() -> None:
         batch = adapter.build_batch(prompt_ids, answers, image_inputs)
         trace = run_trace(adapter, batch)
         t_max = batch.answer_ids.shape[1]
-        targets = []  # (sample, slot, mask, where the sample's maps lie on its image)
+        slots, targets = [], []  # (sample, answer slot) of each content piece, its object's mask in the view
         for b, s in enumerate(samples):
+            labels = sample_token_labels(s, adapter.tokenizer, context=adapter.format_prompt(s.prompt))
+            if labels.ids != answers[b]:
+                raise RuntimeError(f"{s.id}: word → piece labels do not follow the answer's tokens")
             offset = t_max - len(answers[b])
-            for w, k in enumerate(s.word_mask_index):
+            for t, k in enumerate(labels.mask_index):
                 if k >= 0:
-                    targets.append((b, offset + w, torch.from_numpy(s.masks[k]), adapter.map_geometry(s.image)))
-        areas += [float(m.double().mean()) for _, _, m, _ in targets]
-        masks = torch.stack([m for _, _, m, _ in targets])
+                    slots.append((b, offset + t))
+                    targets.append(torch.from_numpy(view_mask(s.masks[k])))
+        masks = torch.stack(targets)
+        areas += masks.double().mean((1, 2)).tolist()
         for name, (method, layer) in variants.items():
             out = method(trace if layer is None else trace.select_layers(slice(layer, layer + 1)))
-            up = torch.stack([g.place(out.token_maps[b, t], tuple(m.shape)) for b, t, m, g in targets])
+            maps = torch.stack([out.token_maps[b, t] for b, t in slots])[:, None].double()
+            up = F.interpolate(maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0]
             epg = energy_pointing_game(up.clamp(min=0), masks)
             empty[name] += int(epg.isnan().sum())
             scores[name].append(epg[~epg.isnan()])
     chance = sum(areas) / len(areas)
-    print(f"{args.samples} held-out Shapes images, {len(areas)} content tokens; chance (mean object area) {chance:.3f}")
+    print(
+        f"{args.samples} held-out Shapes images, {len(areas)} content pieces; "
+        f"chance (mean object area in the view) {chance:.3f}"
+    )
     print(f"{'map':<26}{'EPG':>8}{'× chance':>10}{'empty':>7}")
     for name, vals in scores.items():
         epg = float(torch.cat(vals).mean())

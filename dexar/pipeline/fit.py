@@ -116,4 +116,4 @@ class ShapesFitModule(L.LightningModule):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
+        build_shapes_processor().save_pretrained(path)  # as built: no padding state left by training batches
