@@ -18,16 +18,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.shapes import make_shapes_sample, view_mask  # noqa: E402
+from benchmarks.shapes_gates import content_pieces, up, view_masks  # noqa: E402
+from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, load_model  # noqa: E402
 from dexar.adapters import get_adapter  # noqa: E402
-from dexar.labels import sample_token_labels  # noqa: E402
 from dexar.methods import DexAR, RawAttention  # noqa: E402
-from dexar.shapes.vocabulary import IMAGE_SIZE  # noqa: E402
 from dexar.trace import run as run_trace
 from metrics.functional import energy_pointing_game  # noqa: E402
 
@@ -58,21 +56,14 @@ def main() -> None:
         t_max = batch.answer_ids.shape[1]
         slots, targets = [], []  # (sample, answer slot) of each content piece, its object's mask in the view
         for b, s in enumerate(samples):
-            labels = sample_token_labels(s, adapter.tokenizer, context=adapter.format_prompt(s.prompt))
-            if labels.ids != answers[b]:
-                raise RuntimeError(f"{s.id}: word → piece labels do not follow the answer's tokens")
-            offset = t_max - len(answers[b])
-            for t, k in enumerate(labels.mask_index):
-                if k >= 0:
-                    slots.append((b, offset + t))
-                    targets.append(torch.from_numpy(view_mask(s.masks[k])))
-        masks = torch.stack(targets)
+            pieces, objects = content_pieces(adapter, s, answers[b], t_max)
+            slots += [(b, t) for t in pieces]
+            targets.append(view_masks(s)[objects])
+        masks = torch.cat(targets)
         areas += masks.double().mean((1, 2)).tolist()
         for name, (method, layer) in variants.items():
             out = method(trace if layer is None else trace.select_layers(slice(layer, layer + 1)))
-            maps = torch.stack([out.token_maps[b, t] for b, t in slots])[:, None].double()
-            up = F.interpolate(maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0]
-            epg = energy_pointing_game(up.clamp(min=0), masks)
+            epg = energy_pointing_game(up(torch.stack([out.token_maps[b, t] for b, t in slots])), masks)
             empty[name] += int(epg.isnan().sum())
             scores[name].append(epg[~epg.isnan()])
     chance = sum(areas) / len(areas)

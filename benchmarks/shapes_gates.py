@@ -46,6 +46,27 @@ def up(maps: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     )
 
 
+def view_masks(sample: Sample) -> torch.Tensor:
+    """``(K, 64, 64)``: the sample's object masks as the model sees them (:func:`view_mask`)."""
+    return torch.from_numpy(np.stack([view_mask(m) for m in sample.masks]))
+
+
+def content_pieces(adapter, sample: Sample, answer: list[int], t_max: int) -> tuple[list[int], list[int]]:
+    """The answer slots of the content pieces of ``sample``'s teacher-forced ``answer`` and their objects.
+
+    Every piece of a colour or shape word is labelled through :func:`dexar.labels.sample_token_labels`;
+    slots count in a batch of answers left-padded to ``t_max``.
+
+    Raises:
+        RuntimeError: The labels' pieces are not ``answer``'s tokens.
+    """
+    labels = sample_token_labels(sample, adapter.tokenizer, context=adapter.format_prompt(sample.prompt))
+    if labels.ids != answer:
+        raise RuntimeError(f"{sample.id}: word → piece labels do not follow the answer's tokens")
+    picks = [t for t, k in enumerate(labels.mask_index) if k >= 0]
+    return [t_max - len(answer) + t for t in picks], [labels.mask_index[t] for t in picks]
+
+
 def exact_match(adapter, samples: list[Sample], batch_size: int) -> list[bool]:
     hits = []
     for first in range(0, len(samples), batch_size):
@@ -67,13 +88,9 @@ def localization(adapter, samples: list[Sample], batch_size: int) -> dict[str, l
         result = method(run_trace(adapter, batch, method.needs))
         t_max = batch.answer_ids.shape[1]
         for b, sample in enumerate(chunk):
-            labels = sample_token_labels(sample, adapter.tokenizer, context=adapter.format_prompt(sample.prompt))
-            if labels.ids != answers[b]:
-                raise RuntimeError(f"{sample.id}: word → piece labels do not follow the answer's tokens")
-            views = torch.from_numpy(np.stack([view_mask(m) for m in sample.masks]))
-            picks = [t for t, k in enumerate(labels.mask_index) if k >= 0]
-            slots = [t_max - len(answers[b]) + t for t in picks]
-            targets = views[[labels.mask_index[t] for t in picks]]
+            views = view_masks(sample)
+            slots, objects = content_pieces(adapter, sample, answers[b], t_max)
+            targets = views[objects]
             out["token_epg"] += energy_pointing_game(up(result.token_maps[b, slots]), targets).tolist()
             out["token_area"] += targets.double().mean((1, 2)).tolist()
             union = views.any(0, keepdim=True)
