@@ -9,8 +9,13 @@ For each method (and for every method together), on one batch of explained sampl
   blurred images of a sample count once;
 * ``floor s``: those images scored in full batches of ``--max-batch`` (each sample's images at the
   seconds per image of one full batch of that sample's prompt and answer, median of ``--repeats``);
+* ``webp s``: PIC's lossless WebP encodes of those images, each distinct image once (median of
+  ``--repeats``), and ``fl+webp``, the floor plus them. On a GPU the encodes run in CPU threads
+  while the device runs the forwards, so the floor is the forwards; on a CPU both compete for the
+  same cores (the forwards already use every thread), so the work no evaluator can avoid is the
+  forwards *plus* the encodes;
 * ``eval s``: the evaluator's time for the same metrics (all 9 of the demo: localization and filler
-  too), median of ``--repeats``, and ``× floor``;
+  too), median of ``--repeats``, ``× floor`` and ``× fl+webp``;
 * a profile of the evaluator (one cProfile run): share of its time in the model forwards, WebP
   encoding, ranking, image building, metric updates and the rest.
 
@@ -41,7 +46,14 @@ import metrics as M  # noqa: E402
 from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model  # noqa: E402
 from dexar.methods import build_method  # noqa: E402
-from dexar.perturbation import _image_key, answer_perplexity, level_counts  # noqa: E402
+from dexar.perturbation import (  # noqa: E402
+    _image_key,
+    answer_perplexity,
+    level_counts,
+    perturb,
+    to_uint8,
+    webp_size,
+)
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator  # noqa: E402
 
 METHODS = ("dexar", "attention")
@@ -122,6 +134,32 @@ def per_image_seconds(adapter, samples, exps, max_batch: int, repeats: int) -> l
     return out
 
 
+def webp_floor(adapter, explanations: dict, labels: list[str], repeats: int) -> float:
+    """Seconds to encode every distinct PIC image of the samples once (``to_uint8`` + WebP; median of ``repeats``).
+
+    The images are those the evaluator encodes: per sample the original and the fully obscured image
+    once, and each method's partly obscured ones.
+    """
+    settings = EvaluationSettings("tokens", 16)
+    levels = demo_metrics()["pic"].levels.tolist()
+    images = []
+    for i in range(len(explanations[labels[0]])):
+        seen = set()
+        for label in labels:
+            exp = explanations[label][i]
+            pixels = exp.inputs["pixel_values"][0]
+            n = pixels.shape[-2:].numel()
+            built = perturb(pixels, exp.sequence_map, levels, "pic", settings.replacement, settings.blur_sigma)
+            for k, image in zip(level_counts(levels, n), built, strict=True):
+                key = _image_key("pic", k, n)
+                key = key if key == ("original",) or key[1:] == ("all",) else (label, *key)
+                if key not in seen:
+                    seen.add(key)
+                    images.append(image)
+    processor = adapter.processor
+    return statistics.median(timed(lambda: [webp_size(to_uint8(im, processor)) for im in images], repeats))
+
+
 def variants() -> dict[str, dict]:
     """Evaluator settings to compare: the pooled evaluator and its reference path when both exist."""
     if "pooled" in {f.name for f in dataclasses.fields(EvaluationSettings)}:
@@ -165,6 +203,7 @@ def bench(name: str, num_samples: int, repeats: int, max_batch: int) -> list[dic
     for group, labels in groups.items():
         n = count_images(labels, pixels)
         floor = n * sum(per_image)
+        webp = webp_floor(adapter, explanations, labels, repeats)
         exps = {label: explanations[label] for label in labels}
         times: dict[str, list[float]] = {v: [] for v in variants()}
         for _ in range(repeats):  # alternate the variants: load changes hit both
@@ -180,8 +219,10 @@ def bench(name: str, num_samples: int, repeats: int, max_batch: int) -> list[dic
                     "variant": variant,
                     "images": n,
                     "floor": floor,
+                    "webp_floor": webp,
                     "seconds": seconds,
                     "ratio": seconds / floor,
+                    "ratio_webp": seconds / (floor + webp),
                     **shares,
                 }
             )
@@ -197,8 +238,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    header = f"{'model':<8}{'methods':<11}{'variant':<11}{'img/smp':>8}{'floor s':>9}{'eval s':>9}{'× floor':>9}"
-    header += "".join(f"{c:>9}" for c in (*PROFILE, "metrics", "rest"))
+    header = f"{'model':<8}{'methods':<11}{'variant':<11}{'img/smp':>8}{'floor s':>9}{'webp s':>9}{'eval s':>9}"
+    header += f"{'× floor':>9}{'× fl+webp':>10}" + "".join(f"{c:>9}" for c in (*PROFILE, "metrics", "rest"))
     counts = args.samples + args.samples[-1:] * len(args.model)
     for name, count in zip(args.model, counts, strict=False):
         rows = bench(name, count, args.repeats, args.max_batch)
@@ -206,12 +247,13 @@ def main() -> None:
         print(header)
         for r in rows:
             line = f"{r['model']:<8}{r['methods']:<11}{r['variant']:<11}{r['images']:>8}{r['floor']:>9.3f}"
-            line += f"{r['seconds']:>9.3f}{r['ratio']:>9.2f}"
+            line += f"{r['webp_floor']:>9.3f}{r['seconds']:>9.3f}{r['ratio']:>9.2f}{r['ratio_webp']:>10.2f}"
             line += "".join(f"{r[c]:>9.0%}" for c in (*PROFILE, "metrics", "rest"))
             print(line)
         for (model, variant), group in _by(rows).items():
             mean = statistics.mean(r["ratio"] for r in group if r["methods"] != "all")
-            print(f"{model} {variant}: mean × floor over methods {mean:.2f}", flush=True)
+            mean_webp = statistics.mean(r["ratio_webp"] for r in group if r["methods"] != "all")
+            print(f"{model} {variant}: mean over methods × floor {mean:.2f}, × floor+WebP {mean_webp:.2f}", flush=True)
 
 
 def _by(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:

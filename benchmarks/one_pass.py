@@ -3,7 +3,10 @@
 Model: random LLaVA (8 decoder layers, hidden 512, 8 heads, 576 image tokens = 24×24 grid of a
 336-px image, patch 14), 20-token answer, float32, SDPA. Each variant runs in its own subprocess so
 that its peak resident memory (``ru_maxrss``) is its own; memory is reported above the baseline
-reached after building the model and inputs.
+reached after building the model and inputs. The time ratios come from one more subprocess that runs
+the forward, the backbone forward and explain alternately, ``--repeats`` rounds: each round's ratio is
+taken within the round, so load changes on a shared machine hit both sides alike (separate processes
+measured minutes apart swung 1.12–1.63× on this machine); the median round and the range are printed.
 
     python benchmarks/one_pass.py [--repeats 5] [--answer-tokens 20] [--threads 2]
 """
@@ -67,7 +70,10 @@ def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> d
     def naive():
         naive_layer_grads(adapter, batch, 0)
 
-    fn = {"forward": forward, "backbone_forward": backbone_forward, "explain": explain, "naive": naive}[name]
+    fns = {"forward": forward, "backbone_forward": backbone_forward, "explain": explain, "naive": naive}
+    if name == "paired":
+        return _paired({k: fns[k] for k in ("forward", "backbone_forward", "explain")}, repeats)
+    fn = fns[name]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()  # warm-up (also sets the memory high-water mark)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -84,23 +90,40 @@ def _run_variant(name: str, repeats: int, answer_tokens: int, threads: int) -> d
     }
 
 
+def _paired(fns: dict, repeats: int) -> dict:
+    """Each function once per round, alternately; per-round time ratios to the forward."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        times = {}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        for name in fns:
+            ratios[name].append(times[name] / times["forward"])
+    return {"variant": "paired", "ratios": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--answer-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=(*VARIANTS, "paired"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(_run_variant(args.variant, args.repeats, args.answer_tokens, args.threads)))
         return
     rows = {}
-    for name in VARIANTS:
+    for name in (*VARIANTS, "paired"):
         cmd = [sys.executable, __file__, "--variant", name, "--repeats", str(args.repeats)]
         cmd += ["--answer-tokens", str(args.answer_tokens), "--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         rows[name] = json.loads(out.strip().splitlines()[-1])
+    paired = rows.pop("paired")["ratios"]
     ref = rows["forward"]
     print(f"sequence: {ref['tokens']} tokens, {args.answer_tokens} answer tokens, {args.threads} threads")
     print(f"{'variant':<18}{'seconds':>10}{'× forward':>11}{'peak MiB':>10}{'× forward':>11}")
@@ -109,6 +132,10 @@ def main() -> None:
         m_ratio = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
         print(f"{name:<18}{row['seconds']:>10.3f}{t_ratio:>11.2f}{row['peak_mib']:>10.1f}{m_ratio:>11.2f}")
     print(f"naive / explain: {rows['naive']['seconds'] / rows['explain']['seconds']:.1f}× slower")
+    print(f"alternated in one process, {args.repeats} rounds (× forward: median, min–max):")
+    for name, values in paired.items():
+        if name != "forward":
+            print(f"  {name:<18}{statistics.median(values):>6.2f}  {min(values):.2f}–{max(values):.2f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ again for every method. :func:`pooled_curves` takes every (sample, method) reque
 * scores them in forwards of ``max_batch`` images pooled over requests and samples. Rows of one forward
   share their prompt and answer lengths and image shape (a forward never pads, so each row is computed
   as if alone, for every family's padding side); at most one forward per such class is not full;
-* encodes PIC's lossless WebP images once per distinct image in a thread pool, while the forwards run.
+* encodes PIC's lossless WebP images once per distinct image: on an accelerator in a thread pool while
+  the device runs the forwards; on the CPU in the main thread, between forwards (the forwards already
+  use every core: encoding threads beside them oversubscribe the cores and slowed PyTorch's CPU
+  threads so that the whole evaluation took 1.3–1.5× as long as with serial encodes, measured by
+  ``benchmarks/evaluation.py`` on the bundled model, 2 cores).
 
 Results are those of :func:`~dexar.perturbation.perturbation_curves` per request (tested against it,
 the slow reference, to 1e-6 in the metrics). A request that cannot be scored (a NaN map, an empty answer,
@@ -105,7 +109,8 @@ def pooled_curves(
         replacement: Dataset mean in ``pixel_values`` space (scalar or per channel).
         blur_sigma: σ in pixels of the insertion blur.
         rank_levels: Quantization levels of each map before ranking.
-        workers: Threads encoding PIC's WebP images (default: the CPU count, at most 4).
+        workers: Threads encoding PIC's WebP images; ``0``: in the main thread. Default: ``0`` for a
+            model on the CPU, else the CPU count, at most 4.
 
     Returns:
         Name → mode → :class:`~dexar.perturbation.PerturbationCurve`, or the request's exception.
@@ -122,7 +127,9 @@ def pooled_curves(
     if not pool.slots:
         return results
     needs_webp = any(s.encode for s in pool.slots)
-    executor = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) if needs_webp else None
+    if workers is None:
+        workers = 0 if next(adapter.model.parameters()).device.type == "cpu" else min(4, os.cpu_count() or 1)
+    executor = ThreadPoolExecutor(workers) if needs_webp and workers > 0 else None
     try:
         ppl, sizes, broken = pool.score(adapter, max_batch, executor)
     finally:
@@ -269,6 +276,7 @@ class _Pool:
             by_length.setdefault(slot.length, []).append(i)
         ppl = torch.full((len(self.slots),), torch.nan, dtype=torch.float64)
         futures: dict[int, Future] = {}
+        sizes: dict[int, int] = {}
         failed: set[int] = set()
         processor = adapter.processor
         with torch.inference_mode():
@@ -279,6 +287,8 @@ class _Pool:
                     for j, i in enumerate(chunk):
                         if self.slots[i].encode and executor is not None:
                             futures[i] = executor.submit(_webp_bytes, images[j], processor)
+                        elif self.slots[i].encode:
+                            sizes[i] = _webp_bytes(images[j], processor)
                     prompts = [self.texts[self.slots[i].group][0] for i in chunk]
                     answers = [self.texts[self.slots[i].group][1] for i in chunk]
                     try:
@@ -287,7 +297,7 @@ class _Pool:
                         raise
                     except Exception:  # noqa: BLE001 - its requests are rescored alone
                         failed.update(chunk)
-        sizes = {i: f.result() for i, f in futures.items()}
+        sizes |= {i: f.result() for i, f in futures.items()}
         broken = {
             name
             for name, (_, slots_by_mode, original) in self.entries.items()

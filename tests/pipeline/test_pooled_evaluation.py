@@ -95,3 +95,22 @@ def test_a_bad_request_fails_alone(bundled):
     assert isinstance(out["nan"], ValueError) and "NaN" in str(out["nan"])
     assert isinstance(out["empty"], ValueError) and "at least one token" in str(out["empty"])
     assert out["good"]["positive"].ppl.shape == (2,)
+
+
+def test_webp_sizes_are_the_same_inline_and_in_threads(bundled):
+    """PIC's sizes: encoded in the main thread (the CPU default) or in a thread pool (accelerators)."""
+    explainer, samples, explanations = bundled
+    adapter = explainer.adapter
+    requests = {}
+    for i, exp in enumerate(explanations["dexar"][:2]):
+        prompt = adapter.explained_prompt_ids(exp.inputs, exp.answer_positions)
+        answer = adapter.tokenize_answer(samples[i].answer)
+        levels = {"pic": [0.0, 0.3, 0.6, 1.0]}
+        requests[i] = CurveRequest(i, exp.inputs["pixel_values"], prompt, answer, exp.sequence_map, levels)
+    inline = pooled_curves(adapter, requests, workers=0)
+    threaded = pooled_curves(adapter, requests, workers=2)
+    for i in requests:
+        sizes = inline[i]["pic"].webp_sizes
+        assert sizes.shape == (4,) and bool((sizes > 0).all()) and sizes.unique().numel() > 1
+        assert torch.equal(sizes, threaded[i]["pic"].webp_sizes)
+        assert torch.equal(inline[i]["pic"].ppl, threaded[i]["pic"].ppl)
