@@ -133,9 +133,7 @@ def segment_words(tokenizer: Any, token_ids: Sequence[int]) -> list[Word]:
         else:
             groups.insert(k, (pieces, raw, is_special))
             k += 1
-    return [
-        Word(bytes(raw).decode("utf-8", errors="replace"), pieces[0], pieces[-1] + 1) for pieces, raw, _ in groups
-    ]
+    return [Word(bytes(raw).decode("utf-8", errors="replace"), pieces[0], pieces[-1] + 1) for pieces, raw, _ in groups]
 
 
 def display_pieces(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:

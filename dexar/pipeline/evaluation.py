@@ -307,7 +307,6 @@ class Evaluator:
             )
 
 
-
 @feeder("localization")
 def _feed_localization(ev: Evaluator, label: str, names: list[str], sample: Sample, exp: Explanation, _curves) -> None:
     """Placed maps against the sample's masks (sequence or per-token target), seen pixels only."""

@@ -79,9 +79,7 @@ def build_shapes_config(tokenizer: Any, text_layers: int = 3) -> LlavaConfig:
     )
 
 
-def build_shapes_model(
-    processor: LlavaProcessor, seed: int = 0, text_layers: int = 3
-) -> LlavaForConditionalGeneration:
+def build_shapes_model(processor: LlavaProcessor, seed: int = 0, text_layers: int = 3) -> LlavaForConditionalGeneration:
     """A freshly initialised Shapes model (deterministic for a seed), SDPA attention."""
     config = build_shapes_config(processor.tokenizer, text_layers)
     with torch.random.fork_rng():

@@ -187,11 +187,14 @@ def _default_peak(x: _Sizes, dims: ModelDims, n: int) -> int:
     """DEX-AR's trace, per sample: a forward without a graph, one backward, the stacking."""
     rerun = x.rerun + x.head_copy  # a re-run's graph: its rows, and V in w saved by leaf @ V
     kept = x.layers * (x.rows + rerun)
+    earlier = kept - x.rows - rerun  # what the layers before the last keep while it runs
     # the capture: K over every head (repeated, then in w), the answer rows' scores and softmax
     capture = x.head_copy * x.s // x.w + (x.head_copy if x.s < x.w else 0) + 2 * x.rows
+    attention = earlier + _attention_forward_bytes(dims, n, x.s) + capture
+    # the last layer's MLP: its captured rows and V in w wait for its re-run (in the layer's forward hook)
+    mlp = earlier + x.rows + x.head_copy + _mlp_forward_bytes(dims, n, x.s)
     # + the layer's input (held by the decoder's loop) and the input embeddings (held by the model's forward)
-    forward = kept + 2 * x.hidden
-    forward += max(_mlp_forward_bytes(dims, n, x.s), _attention_forward_bytes(dims, n, x.s) + capture)
+    forward = 2 * x.hidden + max(attention, mlp, kept)
     backward = x.layers * (2 * x.rows + rerun)  # the leaves and their gradients while the re-runs' graphs free
     stacking = 3 * x.layers * x.rows  # the leaves, the gradients (a list, then stacked), the stacked leaves
     return max(forward, backward, stacking)
