@@ -21,7 +21,7 @@ def vlm_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase
     """A hub text tokenizer made ready for a tiny LLaVA: ``<image>`` (and ``<pad>`` when missing), left padding.
 
     Used with a real SentencePiece tokenizer (e.g. Mistral 7B's, ``tests/adapters/test_real_tokenizer.py``) in
-    :func:`random_llava` and :func:`dexar.testing.vlms.random_llava_next`.
+    :func:`random_llava` and :func:`dexar.testing.llava_next.random_llava_next`.
     """
     specials = [t for t in ("<image>",) if t not in tokenizer.get_vocab()]
     extra: dict = {"additional_special_tokens": specials} if specials else {}

@@ -16,7 +16,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from dexar.shapes.model import tokenizer_specials
-from dexar.shapes.vocabulary import WORDS
+from dexar.shapes.vocabulary import COLORS, SHAPES, WORDS
 
 NEWLINE_AND_PUNCTUATION = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
 """A pre-tokenizer keeping ``\\n`` and each punctuation mark as tokens (PaliGemma's and Florence-2's prompts).
@@ -72,3 +72,47 @@ def shapes_word_tokenizer() -> PreTrainedTokenizerFast:
     the bundled model has the sub-word tokenizer of :mod:`dexar.shapes.tokenizer`.
     """
     return word_tokenizer([*SHAPES_SPECIALS, *WORDS], prepend_bos=True, **tokenizer_specials())
+
+
+PROMPT_WORDS = (
+    "cap",
+    "describe",
+    "in",
+    "detail",
+    "what",
+    "is",
+    "shown",
+    "the",
+    "image",
+    "a",
+    "an",
+    "and",
+    *COLORS,
+    *SHAPES,
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "of",
+    "on",
+    ".",
+    ",",
+    "?",
+    "\n",
+)
+"""The PaliGemma and Florence-2 test vocabulary after the special tokens: their task prompts' words, the
+Shapes colours and shapes (:mod:`dexar.shapes.vocabulary`), positions, punctuation and the newline."""
+
+
+def prompt_word_tokenizer(specials: list[str], bos_token: str, eos_token: str) -> PreTrainedTokenizerFast:
+    """PaliGemma's / Florence-2's test tokenizer: ``specials``, ``<image>``, then :data:`PROMPT_WORDS`.
+
+    Newlines and single punctuation marks are tokens (:data:`~dexar.testing.word_tokenizer.NEWLINE_AND_PUNCTUATION`).
+    """
+    return word_tokenizer(
+        [*specials, "<image>", *PROMPT_WORDS],
+        pre_tokenizer=NEWLINE_AND_PUNCTUATION,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        extra_special_tokens={"image_token": "<image>"},
+    )

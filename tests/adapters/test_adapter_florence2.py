@@ -24,8 +24,8 @@ from dexar.methods import (
 from dexar.pipeline.cli import main as cli_main
 from dexar.schema import Sample
 from dexar.testing.adapter_checks import AdapterConformance
+from dexar.testing.florence2 import random_florence2
 from dexar.testing.reference import REFERENCE_NAME, naive_dexar
-from dexar.testing.tiny_models import random_florence2
 from dexar.trace import run as run_trace
 from dexar.trace.instrument import attn_implementation
 from dexar.trace.plan import CROSS_NEEDS

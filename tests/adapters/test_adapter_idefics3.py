@@ -12,7 +12,7 @@ from PIL import Image
 from dexar.adapters import get_adapter
 from dexar.adapters.idefics3 import Idefics3Adapter
 from dexar.testing.adapter_checks import AdapterConformance, image_embeddings, local_vision, make_batch
-from dexar.testing.vlms import random_idefics3
+from dexar.testing.idefics3 import random_idefics3
 
 # PIL sizes (width, height), resized to a longest edge of 64 px then cut into 32-px tiles:
 # 64×40 → 2×2 tiles (8×8 map); 64×16 → 1×2 tiles (4×8 map)

@@ -12,7 +12,7 @@ from PIL import Image
 from dexar.adapters import get_adapter
 from dexar.adapters.llava_next import LlavaNextAdapter
 from dexar.testing.adapter_checks import AdapterConformance, image_embeddings, local_vision, make_batch
-from dexar.testing.vlms import random_llava_next
+from dexar.testing.llava_next import random_llava_next
 
 # PIL sizes (width, height): 64×40 → 2×2 tiles, padded top and bottom (6×8 map); 40×64 → 8×6 map
 SIZES = [(64, 40), (40, 64), (64, 40)]

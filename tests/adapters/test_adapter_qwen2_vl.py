@@ -13,7 +13,7 @@ from dexar.adapters import get_adapter
 from dexar.adapters.qwen2_vl import Qwen2VLAdapter
 from dexar.methods.base import finish
 from dexar.testing.adapter_checks import AdapterConformance, make_batch
-from dexar.testing.vlms import random_qwen2_vl
+from dexar.testing.qwen2_vl import random_qwen2_vl
 
 # 64×64 pixels fit max_side² as they are; 96×64 is shrunk to 64×48 (dynamic resolution, 3×4 tokens)
 SIZES = [(64, 64), (96, 64), (64, 64)]

@@ -29,9 +29,12 @@ from transformers import (
 
 from dexar.adapters import get_adapter
 from dexar.adapters.geometry import MapGeometry, ProcessorView
+from dexar.testing.florence2 import random_florence2
+from dexar.testing.idefics3 import random_idefics3
 from dexar.testing.llava import random_llava
-from dexar.testing.tiny_models import random_florence2, random_paligemma
-from dexar.testing.vlms import random_idefics3, random_llava_next, random_qwen2_vl
+from dexar.testing.llava_next import random_llava_next
+from dexar.testing.paligemma import random_paligemma
+from dexar.testing.qwen2_vl import random_qwen2_vl
 
 HUB_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 """``llava-hf/llava-v1.6-*`` grid pinpoints."""

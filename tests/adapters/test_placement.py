@@ -28,9 +28,12 @@ from dexar.perturbation import upsample_map
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
 from dexar.plotting import blend, overlay
 from dexar.schema import Sample
+from dexar.testing.florence2 import random_florence2
+from dexar.testing.idefics3 import random_idefics3
 from dexar.testing.llava import random_llava
-from dexar.testing.tiny_models import random_florence2, random_paligemma
-from dexar.testing.vlms import random_idefics3, random_llava_next, random_qwen2_vl
+from dexar.testing.llava_next import random_llava_next
+from dexar.testing.paligemma import random_paligemma
+from dexar.testing.qwen2_vl import random_qwen2_vl
 from metrics import functional as MF
 
 METHODS = {"dexar": DexAR(filler_filter=False), "attention": RawAttention()}

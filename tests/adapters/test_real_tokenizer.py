@@ -30,7 +30,7 @@ from dexar.pipeline.evaluation import Evaluator
 from dexar.schema import Sample
 from dexar.testing.adapter_checks import assert_exact
 from dexar.testing.llava import random_llava, vlm_tokenizer
-from dexar.testing.vlms import random_llava_next
+from dexar.testing.llava_next import random_llava_next
 from dexar.words import segment_words
 
 PROMPT = "What is in the picture?"

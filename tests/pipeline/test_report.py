@@ -19,7 +19,7 @@ from dexar.pipeline import experiments as grid
 from dexar.pipeline.cli import main as cli_main
 from dexar.pipeline.report.paper_numbers import PAPER
 from dexar.pipeline.report.tables import TABLES, build_table, collect, display, format_value, report, to_markdown
-from dexar.testing.tiny_models import random_florence2
+from dexar.testing.florence2 import random_florence2
 from train_eval import main
 
 ROOT = Path(__file__).resolve().parents[2]
