@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 import lightning as L
 import pytest
@@ -18,7 +19,7 @@ from dexar import Explainer, load_model
 from dexar.methods import DexAR
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator
 from dexar.pipeline.module import ExplainerModule
-from dexar.pipeline.report.wandb_runs import read_run
+from dexar.pipeline.report.wandb_runs import read_run, wait_for_exit
 from metrics.functional import energy_pointing_game
 
 
@@ -76,6 +77,7 @@ def test_predict_evaluates_writes_results_and_logs_to_wandb(tiny_checkpoint, tmp
     csv_rows = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 2 * len(metrics)
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    wait_for_exit(run_dir)  # finish() may return before W&B's service has written the records
     logged = read_run(run_dir)
     flat = {k: v for row in logged["history"] for k, v in row.items()}
     for label in ("dexar", "attention"):
@@ -144,3 +146,29 @@ def test_every_metric_kind_has_a_feeder_and_every_perturbation_metric_maps_its_c
         assert cls.input_kind in known_kinds(), cls
         if cls.input_kind.startswith("perturbation:"):
             assert callable(getattr(cls, "update_curve", None)), cls
+
+
+def test_wait_for_exit_waits_for_the_exit_record(tmp_path):
+    """A run file without its exit record (written up to the summary) times out; with it, returns at once."""
+    from wandb.proto import wandb_internal_pb2
+
+    from dexar.pipeline.report.wandb_runs import iter_records
+
+    def write(records):
+        data = b":W&B" + b"\x00\x00\x00"
+        for record in records:
+            payload = record.SerializeToString()
+            data += struct.pack("<IHB", 0, len(payload), 1) + payload  # FULL chunks, all in the first block
+        (tmp_path / "run-x.wandb").write_bytes(data)
+
+    summary = wandb_internal_pb2.Record()
+    summary.summary.update.add(key="a", value_json="1")
+    exit_record = wandb_internal_pb2.Record()
+    exit_record.exit.exit_code = 0
+    write([summary])
+    assert [r.WhichOneof("record_type") for r in iter_records(tmp_path / "run-x.wandb")] == ["summary"]
+    with pytest.raises(TimeoutError, match="no exit record"):
+        wait_for_exit(tmp_path, timeout=0.3)
+    write([summary, exit_record])
+    wait_for_exit(tmp_path, timeout=0.3)
+    assert read_run(tmp_path)["summary"] == {"a": 1}

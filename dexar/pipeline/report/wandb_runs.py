@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,33 @@ def iter_records(path: str | Path) -> Iterator[Any]:
             record.ParseFromString(pending)
             yield record
             pending = b""
+
+
+def wait_for_exit(run_dir: str | Path, timeout: float = 60.0) -> None:
+    """Wait until the run file of ``run_dir`` holds its ``exit`` record (the run's last).
+
+    ``wandb.Run.finish()`` can return before W&B's service process has written an offline run's
+    records: on a loaded machine a read right after it found the file without a single history,
+    summary or config record.
+
+    Raises:
+        TimeoutError: No exit record after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(run_dir).glob("run-*.wandb"))
+        if files and _has_exit(files[0]):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no exit record in the run file of {run_dir} after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _has_exit(path: Path) -> bool:
+    try:
+        return any(record.WhichOneof("record_type") == "exit" for record in iter_records(path))
+    except Exception:  # noqa: BLE001 - a file caught mid-write
+        return False
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
