@@ -24,7 +24,7 @@ from dexar.trace.attention import Session, layer_index
 from dexar.trace.layout import DecoderLayout
 from dexar.trace.lens import layer_lens
 from dexar.trace.plan import Capture, make_plan
-from dexar.trace.precision import narrowest_dtype, upcast, working_dtype
+from dexar.trace.precision import upcast, working_dtype
 from dexar.trace.record import Trace
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def run(
     full_attention = torch.stack([record.mean[i] for i in range(num_layers)], 1) if plan.full_attention else None
     final_hidden = None
     if plan.final_hidden:  # float32 on a bf16 model: TAM min-maxes logits read from it
-        with torch.no_grad(), upcast(narrowest_dtype(adapter.final_norm)):
+        with torch.no_grad(), upcast(adapter.final_norm):
             final_hidden = adapter.final_norm(kept.last.detach().to(working_dtype(kept.last.dtype)))
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     row_pos = columns[rows]

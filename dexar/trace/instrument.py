@@ -18,7 +18,7 @@ from torch import nn
 
 from dexar.trace.attention import CAPTURE_NAME, GIVEN_NAME, AttentionCall, Session, active, attend, given
 from dexar.trace.plan import Capture, Input
-from dexar.trace.precision import narrowest_dtype, upcast, working_dtype
+from dexar.trace.precision import upcast, working_dtype
 
 if TYPE_CHECKING:
     from dexar.adapters.base import TeacherForcedBatch, VLMAdapter
@@ -196,6 +196,6 @@ def rerun_answer_rows(
     leaf = session.record.rows[index]
     values = session.record.row_values.pop(index)
     with given_attention(config, lambda call: attend(call.module, leaf, values, call.query.dtype)):
-        with torch.enable_grad(), upcast(narrowest_dtype(layer)):
+        with torch.enable_grad(), upcast(layer):
             out = layer.forward(hidden, *args[1:], **rows_kwargs)
     return out[0] if isinstance(out, tuple) else out

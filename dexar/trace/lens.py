@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dexar.trace.precision import narrowest_dtype, upcast, working_dtype
+from dexar.trace.precision import upcast, working_dtype
 
 if TYPE_CHECKING:
     from dexar.adapters.base import VLMAdapter
@@ -35,7 +35,7 @@ def layer_lens(adapter: VLMAdapter, rows: list[torch.Tensor], answer_ids: torch.
     unembed = adapter.unembedding.weight[ids].to(work)  # (B, T, D)
     bias = getattr(adapter.unembedding, "bias", None)
     lens = []
-    with upcast(narrowest_dtype(adapter.unembedding, adapter.final_norm)):
+    with upcast(adapter.unembedding, adapter.final_norm):
         for hidden in rows:
             values = (adapter.final_norm(hidden.to(work)).to(work) * unembed).sum(-1)  # (B, T)
             if bias is not None:
@@ -49,7 +49,7 @@ def log_probs(adapter: VLMAdapter, rows: torch.Tensor, answer_ids: torch.Tensor)
 
     The final norm and the unembedding run in float32 on a bf16/fp16 model (:mod:`dexar.trace.precision`).
     """
-    with upcast(narrowest_dtype(adapter.unembedding, adapter.final_norm)):
+    with upcast(adapter.unembedding, adapter.final_norm):
         logits = adapter.unembedding(adapter.final_norm(rows.to(working_dtype(rows.dtype))))
     logits = logits.to(working_dtype(logits.dtype))
     picked = logits.log_softmax(-1).gather(-1, answer_ids.clamp(min=0)[..., None])[..., 0]

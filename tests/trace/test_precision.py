@@ -92,18 +92,26 @@ def test_upcast_linear_and_its_gradient_run_in_the_input_precision():
 
 
 def test_upcast_mode_is_entered_only_for_narrow_parameters():
-    """The mode costs a Python dispatch per op: a float32/float64 block runs without it, a bf16 one with it."""
-    from dexar.trace.precision import narrowest_dtype
+    """The mode costs a Python dispatch per op: a float32/float64 block runs without it, a bf16 one with it.
 
+    The block's narrowest floating parameter decides (a bf16 linear beside a float32 norm needs it);
+    objects without parameters are skipped, and without any parameter the mode is entered.
+    """
     mixed = torch.nn.Sequential(torch.nn.Linear(2, 2).to(torch.bfloat16), torch.nn.LayerNorm(2)).requires_grad_(False)
-    assert narrowest_dtype(mixed) == torch.bfloat16
-    assert narrowest_dtype(torch.nn.Linear(2, 2), "not a module") == torch.float32
-    assert narrowest_dtype("not a module") is None
     depth = torch._C._len_torch_function_stack
     base = depth()
-    for dtype, entered in ((torch.float32, False), (torch.float64, False), (torch.bfloat16, True), (None, True)):
-        with upcast(dtype):
-            assert depth() == base + entered, dtype
+    blocks = (
+        ((torch.nn.Linear(2, 2),), False),
+        ((torch.nn.Linear(2, 2), "not a module"), False),
+        ((torch.nn.Linear(2, 2).double(),), False),
+        ((torch.nn.Linear(2, 2).to(torch.bfloat16),), True),
+        ((mixed,), True),
+        (("not a module",), True),
+        ((), True),
+    )
+    for modules, entered in blocks:
+        with upcast(*modules):
+            assert depth() == base + entered, modules
     x = torch.randn(3, 2, dtype=torch.float32)
-    with upcast(narrowest_dtype(mixed)):
+    with upcast(mixed):
         assert mixed[0](x).dtype == torch.float32  # the bf16 linear computes in its float32 input's precision
