@@ -187,7 +187,7 @@ def _default_peak(x: _Sizes, dims: ModelDims, n: int) -> int:
     """DEX-AR's trace, per sample: a forward without a graph, one backward, the stacking."""
     rerun = x.rerun + x.head_copy  # a re-run's graph: its rows, and V in w saved by leaf @ V
     kept = x.layers * (x.rows + rerun)
-    earlier = kept - x.rows - rerun  # what the layers before the last keep while it runs
+    earlier = (x.layers - 1) * (x.rows + rerun)  # what the layers before the last keep while it runs
     # the capture: K over every head (repeated, then in w), the answer rows' scores and softmax
     capture = x.head_copy * x.s // x.w + (x.head_copy if x.s < x.w else 0) + 2 * x.rows
     attention = earlier + _attention_forward_bytes(dims, n, x.s) + capture
