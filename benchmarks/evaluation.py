@@ -46,15 +46,9 @@ import metrics as M  # noqa: E402
 from datamodules.shapes import make_shapes_sample  # noqa: E402
 from dexar import SHAPES_CHECKPOINT, Explainer, load_model  # noqa: E402
 from dexar.methods import build_method  # noqa: E402
-from dexar.perturbation import (  # noqa: E402
-    _image_key,
-    answer_perplexity,
-    level_counts,
-    perturb,
-    to_uint8,
-    webp_size,
-)
+from dexar.perturbation import _image_key, answer_perplexity, level_counts, to_uint8, webp_size  # noqa: E402
 from dexar.pipeline.evaluation import EvaluationSettings, Evaluator  # noqa: E402
+from dexar.pipeline.pooled_perturbation import CurveRequest, _Pool  # noqa: E402
 
 METHODS = ("dexar", "attention")
 PROFILE = {  # category -> function names (cumulative time; the names do not nest in one another)
@@ -134,28 +128,24 @@ def per_image_seconds(adapter, samples, exps, max_batch: int, repeats: int) -> l
     return out
 
 
-def webp_floor(adapter, explanations: dict, labels: list[str], repeats: int) -> float:
+def webp_floor(adapter, samples, explanations: dict, labels: list[str], repeats: int) -> float:
     """Seconds to encode every distinct PIC image of the samples once (``to_uint8`` + WebP; median of ``repeats``).
 
-    The images are those the evaluator encodes: per sample the original and the fully obscured image
-    once, and each method's partly obscured ones.
+    The images are those the evaluator encodes, registered by its own pool
+    (:class:`dexar.pipeline.pooled_perturbation._Pool`): per sample the original and the fully obscured
+    image once, and each method's partly obscured ones.
     """
     settings = EvaluationSettings("tokens", 16)
-    levels = demo_metrics()["pic"].levels.tolist()
-    images = []
-    for i in range(len(explanations[labels[0]])):
-        seen = set()
+    levels = {"pic": demo_metrics()["pic"].levels.tolist()}
+    pool = _Pool(settings.replacement, settings.blur_sigma, settings.rank_levels)
+    for i, sample in enumerate(samples):
         for label in labels:
             exp = explanations[label][i]
-            pixels = exp.inputs["pixel_values"][0]
-            n = pixels.shape[-2:].numel()
-            built = perturb(pixels, exp.sequence_map, levels, "pic", settings.replacement, settings.blur_sigma)
-            for k, image in zip(level_counts(levels, n), built, strict=True):
-                key = _image_key("pic", k, n)
-                key = key if key == ("original",) or key[1:] == ("all",) else (label, *key)
-                if key not in seen:
-                    seen.add(key)
-                    images.append(image)
+            prompt = adapter.explained_prompt_ids(exp.inputs, exp.answer_positions)
+            answer = adapter.tokenize_answer(sample.answer)
+            request = CurveRequest(i, exp.inputs["pixel_values"], prompt, answer, exp.sequence_map, levels)
+            pool.add((label, i), request)
+    images = pool.build([k for k, slot in enumerate(pool.slots) if slot.encode])
     processor = adapter.processor
     return statistics.median(timed(lambda: [webp_size(to_uint8(im, processor)) for im in images], repeats))
 
@@ -203,7 +193,7 @@ def bench(name: str, num_samples: int, repeats: int, max_batch: int) -> list[dic
     for group, labels in groups.items():
         n = count_images(labels, pixels)
         floor = n * sum(per_image)
-        webp = webp_floor(adapter, explanations, labels, repeats)
+        webp = webp_floor(adapter, samples, explanations, labels, repeats)
         exps = {label: explanations[label] for label in labels}
         times: dict[str, list[float]] = {v: [] for v in variants()}
         for _ in range(repeats):  # alternate the variants: load changes hit both
