@@ -17,9 +17,8 @@ again for every method. :func:`pooled_curves` takes every (sample, method) reque
   as if alone, for every family's padding side); at most one forward per such class is not full;
 * encodes PIC's lossless WebP images once per distinct image: on an accelerator in a thread pool while
   the device runs the forwards; on the CPU in the main thread, between forwards (the forwards already
-  use every core: encoding threads beside them oversubscribe the cores; the whole evaluation took
-  0.95–1.5× as long as the per-sample reference with serial encodes in two runs of
-  ``benchmarks/evaluation.py`` on the bundled model, 2 cores, and 0.96–1.0× once encoded inline).
+  use every core: encoding threads beside them oversubscribe the cores and slow the forwards; the
+  README gives the figures of ``benchmarks/evaluation.py``).
 
 Results are those of :func:`~dexar.perturbation.perturbation_curves` per request (tested against it,
 the slow reference, to 1e-6 in the metrics). A request that cannot be scored (a NaN map, an empty answer,

@@ -2,7 +2,7 @@
 
 :func:`word_tokenizer` builds every family's (a ``tokenizers`` ``WordLevel`` model wrapped in
 ``PreTrainedTokenizerFast``); :func:`shapes_word_tokenizer` is the Shapes one the random LLaVA models use
-by default. Each family's vocabulary is given whole, in id order: the tests' random weights are drawn
+by default, :func:`prompt_word_tokenizer` PaliGemma's and Florence-2's (:data:`PROMPT_WORDS`). Each family's vocabulary is given whole, in id order: the tests' random weights are drawn
 against those ids.
 """
 
@@ -107,7 +107,7 @@ Shapes colours and shapes (:mod:`dexar.shapes.vocabulary`), positions, punctuati
 def prompt_word_tokenizer(specials: list[str], bos_token: str, eos_token: str) -> PreTrainedTokenizerFast:
     """PaliGemma's / Florence-2's test tokenizer: ``specials``, ``<image>``, then :data:`PROMPT_WORDS`.
 
-    Newlines and single punctuation marks are tokens (:data:`~dexar.testing.word_tokenizer.NEWLINE_AND_PUNCTUATION`).
+    Newlines and single punctuation marks are tokens (:data:`NEWLINE_AND_PUNCTUATION`).
     """
     return word_tokenizer(
         [*specials, "<image>", *PROMPT_WORDS],
