@@ -2,8 +2,8 @@
 
 :func:`word_tokenizer` builds every family's (a ``tokenizers`` ``WordLevel`` model wrapped in
 ``PreTrainedTokenizerFast``); :func:`shapes_word_tokenizer` is the Shapes one the random LLaVA models use
-by default, :func:`prompt_word_tokenizer` PaliGemma's and Florence-2's (:data:`PROMPT_WORDS`). Each family's vocabulary is given whole, in id order: the tests' random weights are drawn
-against those ids.
+by default, :func:`prompt_word_tokenizer` PaliGemma's and Florence-2's (:data:`PROMPT_WORDS`). Each
+family's vocabulary is given whole, in id order: the tests' random weights are drawn against those ids.
 """
 
 from __future__ import annotations
