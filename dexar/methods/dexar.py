@@ -107,11 +107,14 @@ class DexAR:
         text = trace.text_mask[:, None, None]  # (B, 1, 1, T, N)
         g_image = trace.image_columns(grads)  # (B, L, H, T, V)
         pos_image = g_image.clamp(min=0)
-        pos_all = grads.clamp(min=0)
 
         mode = "max" if self.head_filter == "none" else self.head_filter
         m_v = _aggregate(pos_image, None, mode)  # (B, L, H, T)
-        m_t = _aggregate(pos_all, text, mode)
+        if mode == "max":  # max_j ReLU(g_j) = ReLU(max_j g_j): no ReLU and mask product over every column
+            outside = torch.zeros(text.shape, dtype=grads.dtype, device=grads.device).masked_fill_(~text, -math.inf)
+            m_t = (grads + outside).amax(-1).clamp(min=0)  # no text column: -inf, then 0 (as _aggregate)
+        else:
+            m_t = _aggregate(grads.clamp(min=0), text, mode)
         head_w = torch.ones_like(m_v) if self.head_filter == "none" else (m_v - m_t).clamp(min=0)
 
         contrib = pos_image if self.relu else g_image
