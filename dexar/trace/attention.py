@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dexar.trace.given import AttentionRows
 from dexar.trace.plan import Capture, LayerPlan, Plan
 
 CAPTURE_NAME = "dexar_capture"
@@ -78,17 +79,19 @@ def attention_probs(
     scores = torch.matmul(query[:, :, rows].to(work) * scale, key.to(work).transpose(-1, -2))
     n = key.shape[2]
     low = torch.finfo(work).min
+    # Masked scores become ``s + low``, which rounds to ``low`` for any finite score: an add of a (B, 1, R, N)
+    # bias is the same as a broadcast masked_fill_ over the heads, and costs a fifth of it on the CPU.
     if attention_mask is not None:
         mask = attention_mask[:, :, rows, :n]
         if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, low)
+            scores.add_(torch.zeros(mask.shape, dtype=work, device=mask.device).masked_fill_(~mask, low))
             return _MaskedSoftmax.apply(scores, mask.any(-1, keepdim=True))
         scores = scores.add_(mask.to(work)).clamp(min=low)
     elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         positions = torch.arange(query.shape[2], device=query.device)[rows]
         offset = n - query.shape[2]
         future = torch.arange(n, device=query.device)[None, :] > positions[:, None] + offset
-        scores.masked_fill_(future, low)
+        scores.add_(torch.zeros(future.shape, dtype=work, device=future.device).masked_fill_(future, low))
     return torch.softmax(scores, dim=-1)
 
 
@@ -155,7 +158,7 @@ class Recording:
         outputs: ``(B, N, H, D)`` attention output of the graph layers (``GRAPH``, ``GRAPH_ROWS``).
         keys: ``(B, H_kv, N, D)`` their keys.
         values: ``(B, H_kv, N, D)`` their values.
-        row_values: ``(B, H_kv, N, D)`` detached values of ``RERUN_ROWS`` layers, for their re-run.
+        reruns: What ``RERUN_ROWS`` layers' re-runs take from their attention (its values, its output rows).
 
     """
 
@@ -165,7 +168,7 @@ class Recording:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    row_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    reruns: dict[int, AttentionRows] = field(default_factory=dict)
 
     def answer_rows(self, layer: int, rows: slice) -> torch.Tensor:
         """``(B, H, T, N)`` layer ``layer``'s answer rows, whichever way they were captured."""
@@ -198,8 +201,9 @@ class Session:
 def _leaf_rows(call: AttentionCall, session: Session, layer: int, step: LayerPlan) -> torch.Tensor:
     """SDPA for every row; the answer rows from a leaf copy of their probabilities (layer-local gradients).
 
-    ``RERUN_ROWS`` stores the values instead: the forward runs without autograd and the layer's
-    answer-rows re-run (:func:`dexar.trace.instrument.rerun_answer_rows`) computes the rows from the leaf.
+    ``RERUN_ROWS`` stores the values and the output's answer rows instead (:class:`AttentionRows`): the forward
+    runs without autograd and the layer's answer-rows re-run (:func:`dexar.trace.instrument.rerun_answer_rows`)
+    computes the rows' graph from the leaf.
     """
     record = session.record
     if step.mean:  # every row's probabilities are computed anyway: the output from them, not a second pass
@@ -212,7 +216,9 @@ def _leaf_rows(call: AttentionCall, session: Session, layer: int, step: LayerPla
     leaf = call.probs(session.rows).detach().requires_grad_(session.plan.layer_grads)
     record.rows[layer] = leaf
     if step.capture is Capture.RERUN_ROWS:
-        record.row_values[layer] = call.value.detach()
+        record.reruns[layer] = AttentionRows(
+            call.module, call.value.detach(), out[:, session.rows].clone(), out.data_ptr()
+        )
         return out
     return splice(out, call.attend(leaf), session.rows)
 

@@ -159,16 +159,27 @@ def reduced_backward(
         reduce(i, g)
 
 
-def layer_grads(lens: list[torch.Tensor], record: Recording, plan: Plan, rows: slice) -> list[torch.Tensor]:
+def layer_grads(
+    lens: list[torch.Tensor],
+    record: Recording,
+    plan: Plan,
+    rows: slice,
+    done: dict[int, torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
     """``g_t^l = ∂y_t^l/∂A^l[:, p_t, :]`` of every layer: ``(B, H, T, N)`` each (zeros where unused).
 
     Leaf layers (``LEAF_ROWS``, ``RERUN_ROWS``) share one backward of ``Σ_{l,t} y_t^l``: ``y_t^l`` reaches
     only layer ``l``'s leaf, the inputs being detached. Graph layers get one ``autograd.grad`` each of
-    ``Σ_t y_t^l`` w.r.t. their own ``A^l``, which only visits layer ``l``.
+    ``Σ_t y_t^l`` w.r.t. their own ``A^l``, which only visits layer ``l``. Layers in ``done`` already have
+    theirs (a re-run layer's, taken during the forward: :func:`dexar.trace.instrument.forward`'s ``rows_done``).
     """
     keep = plan.graph_from is not None  # the final-logit backwards share the graph
-    found: dict[int, torch.Tensor | None] = {}
-    local = [i for i, layer in enumerate(plan.layers) if layer.capture in (Capture.LEAF_ROWS, Capture.RERUN_ROWS)]
+    found: dict[int, torch.Tensor | None] = dict(done or {})
+    local = [
+        i
+        for i, layer in enumerate(plan.layers)
+        if layer.capture in (Capture.LEAF_ROWS, Capture.RERUN_ROWS) and i not in found
+    ]
     if local:
         target = sum(lens[i].sum() for i in local)
         leaves = [record.rows[i] for i in local]

@@ -22,7 +22,7 @@ import torch
 from dexar.trace import backward, instrument
 from dexar.trace.attention import Session, layer_index
 from dexar.trace.layout import DecoderLayout
-from dexar.trace.lens import layer_lens
+from dexar.trace.lens import LogitLens
 from dexar.trace.plan import Capture, make_plan
 from dexar.trace.precision import upcast, working_dtype
 from dexar.trace.record import Trace
@@ -59,9 +59,18 @@ def run(
     record = session.record
     grads = final_grad_rollout = None
     grad_x_hidden: dict[int, torch.Tensor] = {}
+    local: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def rows_done(index: int, rows_out: torch.Tensor) -> None:
+        """A re-run layer's ``y_t^l`` and ``g_t^l`` now, while its weights are in cache."""
+        lens_l = lens_of(rows_out)
+        (grad,) = torch.autograd.grad(lens_l.sum(), record.rows[index], allow_unused=True)
+        local[index] = (lens_l.detach(), grad)
+
     with instrument.traced(adapter, session):
-        kept = instrument.forward(adapter, batch, session)
-        lens = layer_lens(adapter, kept.rows, answer_ids)
+        lens_of = LogitLens(adapter, answer_ids)  # parameters frozen here: no graph to the unembedding
+        kept = instrument.forward(adapter, batch, session, rows_done=rows_done if plan.layer_grads else None)
+        lens = [local[i][0] if i in local else lens_of(kept.rows[i]) for i in range(num_layers)]
         if plan.graph_from is not None:
             final = lens[-1]  # y_t^L: the model's own logit of w_t
             if plan.final_logit_grads:
@@ -72,7 +81,8 @@ def run(
                     final, kept.inputs, record, plan.hidden_grads, image_index, num_layers, rows, grad_chunk
                 )
         if plan.layer_grads:
-            grads = torch.stack(backward.layer_grads(lens, record, plan, rows), dim=1).detach()
+            done = {i: grad for i, (_, grad) in local.items()}
+            grads = torch.stack(backward.layer_grads(lens, record, plan, rows, done), dim=1).detach()
 
     attentions = torch.stack([record.answer_rows(i, rows).detach() for i in range(num_layers)], dim=1)
     full_attention = torch.stack([record.mean[i] for i in range(num_layers)], 1) if plan.full_attention else None

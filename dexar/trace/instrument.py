@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dexar.trace.attention import CAPTURE_NAME, GIVEN_NAME, AttentionCall, Session, active, attend, given
+from dexar.trace.attention import (
+    CAPTURE_NAME,
+    GIVEN_NAME,
+    AttentionCall,
+    Session,
+    active,
+    attend,
+    given,
+)
+from dexar.trace.given import RowCapture, exact_rerun
 from dexar.trace.plan import Capture, Input
 from dexar.trace.precision import upcast, working_dtype
 
@@ -91,15 +100,29 @@ class Forward:
 
 
 def forward(
-    adapter: VLMAdapter, batch: TeacherForcedBatch, session: Session, pixel_values: torch.Tensor | None = None
+    adapter: VLMAdapter,
+    batch: TeacherForcedBatch,
+    session: Session,
+    pixel_values: torch.Tensor | None = None,
+    rows_done: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Forward:
     """Run the model once inside :func:`traced`, the layer hooks of ``session``'s plan installed.
 
     Autograd records the forward only if the plan needs it (:attr:`~dexar.trace.plan.Plan.forward_grad`).
+
+    Args:
+        adapter: The model's adapter.
+        batch: The teacher-forced batch.
+        session: The active session (plan, answer rows, recording).
+        pixel_values: Other pixel values than the batch's (the probes' forwards).
+        rows_done: Called with ``(layer, rows)`` right after a ``RERUN_ROWS`` layer's re-run, ``rows`` its
+            ``(B, T, D)`` output rows in the re-run's graph (under grad mode): its backward can run while the
+            layer's weights are still in cache. ``Forward.rows`` keeps them detached when it is given.
+
     """
     layers = adapter.decoder_layers
     kept = Forward(rows=[None] * len(layers))
-    handles = layer_hooks(layers, session, adapter.text_config, kept)
+    handles = layer_hooks(layers, session, adapter.text_config, kept, rows_done)
     try:
         with torch.set_grad_enabled(session.plan.forward_grad):
             adapter.backbone_forward(model_inputs(adapter, batch, pixel_values))
@@ -109,16 +132,39 @@ def forward(
     return kept
 
 
-def layer_hooks(layers: nn.ModuleList, session: Session, config: Any, kept: Forward) -> list:
-    """Hooks applying the plan to each layer's input and keeping its output rows in ``kept``."""
+def layer_hooks(
+    layers: nn.ModuleList,
+    session: Session,
+    config: Any,
+    kept: Forward,
+    rows_done: Callable[[int, torch.Tensor], None] | None = None,
+) -> list:
+    """Hooks applying the plan to each layer's input and keeping its output rows in ``kept``.
+
+    A ``RERUN_ROWS`` layer computing in its own precision also gets a :class:`~dexar.trace.given.RowCapture`
+    (its linears' output rows, which its re-run takes instead of recomputing them).
+    """
     plan, rows = session.plan, session.rows
     last = len(layers) - 1
+    captures = {
+        i: RowCapture(
+            layer,
+            rows,
+            [m for m in layer.modules() if session.layer_of(m) == i],
+            lambda i=i: i in session.record.reruns,
+        )
+        for i, layer in enumerate(layers)
+        if plan.layers[i].capture is Capture.RERUN_ROWS and exact_rerun(layer)
+    }
 
     def make_pre(index: int):
         step = plan.layers[index]
+        capture = captures.get(index)
 
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            if capture is not None:
+                capture.arm(hidden.shape[1])
             if step.input is Input.DETACH:
                 hidden = hidden.detach()
             elif step.input is Input.LEAF:
@@ -134,19 +180,25 @@ def layer_hooks(layers: nn.ModuleList, session: Session, config: Any, kept: Forw
 
     def make_post(index: int):
         step = plan.layers[index]
+        capture = captures.get(index)
 
         def post_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
             if index == last and plan.final_hidden:
                 kept.last = hidden
             if step.capture is Capture.RERUN_ROWS:
-                kept.rows[index] = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config)
+                with torch.enable_grad():
+                    out = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config, capture)
+                    if rows_done is not None:
+                        rows_done(index, out)
+                        out = out.detach()
+                kept.rows[index] = out
             else:
                 kept.rows[index] = hidden[:, rows].clone()  # a view would keep the whole (B, N, D) output alive
 
         return post_hook
 
-    handles = []
+    handles: list = [capture for capture in captures.values()]
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(make_post(i), with_kwargs=True))
@@ -172,7 +224,14 @@ def _slice_sequence(value: Any, n: int, rows: slice, dim: int) -> Any:
 
 
 def rerun_answer_rows(
-    layer: nn.Module, index: int, args: tuple, kwargs: dict, n: int, session: Session, config: Any
+    layer: nn.Module,
+    index: int,
+    args: tuple,
+    kwargs: dict,
+    n: int,
+    session: Session,
+    config: Any,
+    capture: RowCapture | None = None,
 ) -> torch.Tensor:
     """Decoder layer ``index`` on its answer rows only, with grad; its attention rows come from the leaf.
 
@@ -181,8 +240,13 @@ def rerun_answer_rows(
     times the full pass's values), and everything after attention (output projection, residuals,
     norms, MLP) is row-local, so the rows equal the full pass's rows while the graph holds ``T`` rows
     instead of ``N``. Memory: ``L·T·(D + MLP width)`` instead of ``L·N·(…)``. The layer's ``forward`` is
-    called directly, so its hooks do not run again. On a bf16/fp16 model the re-run computes in float32
-    (:mod:`dexar.trace.precision`; ``T`` rows, cheap): the logit lens then reads float32 rows.
+    called directly, so its hooks do not run again.
+
+    With a ``capture`` (a float32/float64 model), the linears and ``leaf @ V`` (or the whole attention
+    module) return the full forward's rows and keep only their backward (:mod:`dexar.trace.given`): the
+    rows are the full pass's own.
+    On a bf16/fp16 model the re-run computes in float32 (:mod:`dexar.trace.precision`; ``T`` rows,
+    cheap): the logit lens then reads float32 rows.
     """
     rows = session.rows
     hidden = (args[0] if args else kwargs["hidden_states"]).detach()[:, rows]
@@ -194,8 +258,12 @@ def rerun_answer_rows(
         if key in rows_kwargs:
             rows_kwargs[key] = _slice_sequence(rows_kwargs[key], n, rows, -1)
     leaf = session.record.rows[index]
-    values = session.record.row_values.pop(index)
-    with given_attention(config, lambda call: attend(call.module, leaf, values, call.query.dtype)):
-        with torch.enable_grad(), upcast(layer):
+    attention = session.record.reruns.pop(index)
+    if capture is None:
+        function = lambda call: attend(call.module, leaf, attention.values, call.query.dtype)  # noqa: E731
+        with given_attention(config, function), torch.enable_grad(), upcast(layer):
+            out = layer.forward(hidden, *args[1:], **rows_kwargs)
+    else:
+        with capture.given(leaf, attention) as function, given_attention(config, function), torch.enable_grad():
             out = layer.forward(hidden, *args[1:], **rows_kwargs)
     return out[0] if isinstance(out, tuple) else out

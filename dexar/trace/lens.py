@@ -17,6 +17,36 @@ if TYPE_CHECKING:
     from dexar.adapters.base import VLMAdapter
 
 
+class LogitLens:
+    """``y_t^l`` of one batch's answer tokens for any layer's answer rows; the unembedding rows gathered once.
+
+    Args:
+        adapter: The model's adapter (final norm, unembedding).
+        answer_ids: ``(B, T)`` the answer token ``w_t`` read at each row; padding ``-1``.
+
+    The read-out runs in float32 on a bf16/fp16 model (:mod:`dexar.trace.precision`): ``λ_t`` is a
+    difference of maxima of these logits' gradients.
+    """
+
+    def __init__(self, adapter: VLMAdapter, answer_ids: torch.Tensor) -> None:
+        self.adapter = adapter
+        self.answer_mask = answer_ids >= 0
+        ids = answer_ids.clamp(min=0)
+        self.work = working_dtype(adapter.unembedding.weight.dtype)
+        self.unembed = adapter.unembedding.weight[ids].to(self.work)  # (B, T, D)
+        bias = getattr(adapter.unembedding, "bias", None)
+        self.bias = None if bias is None else bias[ids].to(self.work)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` the lens of ``(B, T, D)`` output rows ``p_t``, 0 on padding slots (differentiable)."""
+        norm = self.adapter.final_norm
+        with upcast(self.adapter.unembedding, norm):
+            values = (norm(hidden.to(self.work)).to(self.work) * self.unembed).sum(-1)  # (B, T)
+        if self.bias is not None:
+            values = values + self.bias
+        return values * self.answer_mask
+
+
 def layer_lens(adapter: VLMAdapter, rows: list[torch.Tensor], answer_ids: torch.Tensor) -> list[torch.Tensor]:
     """``y_t^l`` of each layer's answer rows: one ``(B, T)`` tensor per layer, 0 on padding slots.
 
@@ -25,23 +55,11 @@ def layer_lens(adapter: VLMAdapter, rows: list[torch.Tensor], answer_ids: torch.
         rows: Per layer, ``(B, T, D)`` its output at the answer rows ``p_t``.
         answer_ids: ``(B, T)`` the answer token ``w_t`` read at each row; padding ``-1``.
 
-    One graph per layer: a backward from one layer's slice of a stacked ``(B, L, T)`` tensor would also
-    push zero gradients down every other layer. The read-out runs in float32 on a bf16/fp16 model
-    (:mod:`dexar.trace.precision`): ``λ_t`` is a difference of maxima of these logits' gradients.
+    One graph per layer (:class:`LogitLens`): a backward from one layer's slice of a stacked ``(B, L, T)``
+    tensor would also push zero gradients down every other layer.
     """
-    answer_mask = answer_ids >= 0
-    ids = answer_ids.clamp(min=0)
-    work = working_dtype(adapter.unembedding.weight.dtype)
-    unembed = adapter.unembedding.weight[ids].to(work)  # (B, T, D)
-    bias = getattr(adapter.unembedding, "bias", None)
-    lens = []
-    with upcast(adapter.unembedding, adapter.final_norm):
-        for hidden in rows:
-            values = (adapter.final_norm(hidden.to(work)).to(work) * unembed).sum(-1)  # (B, T)
-            if bias is not None:
-                values = values + bias[ids].to(work)
-            lens.append(values * answer_mask)
-    return lens
+    lens = LogitLens(adapter, answer_ids)
+    return [lens(hidden) for hidden in rows]
 
 
 def log_probs(adapter: VLMAdapter, rows: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:

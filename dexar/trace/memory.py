@@ -6,8 +6,8 @@ is the working precision of the attention probabilities and read-outs (float32, 
 wider: :func:`dexar.trace.precision.working_dtype`), ``s`` the model's element size. Three plans are modelled:
 
 * ``default`` (the default needs, DEX-AR's: ``attention_rows``, ``layer_grads``, row-local layers): the forward
-  runs without autograd, each layer keeps its answer rows ``(B, H, T, N)·w`` (a leaf) and the graph of its
-  ``T``-row float32 re-run; one backward gives ``(B, H, T, N)`` gradients per layer, stacked.
+  runs without autograd; each layer's ``T``-row re-run and its backward run in its forward hook, so a
+  finished layer keeps only its answer rows ``(B, H, T, N)·w`` (a leaf) and their gradient, stacked at the end.
 * ``shared`` (every method's needs at once: ``final_logit_grads``, ``full_attention``, ``hidden_states``,
   ``hidden_grads:-1``, ``layer_grads``): every layer's every row is in the graph; CheferCAM's backward per
   answer token folds each layer's product into a row as its gradient arrives, so one layer's
@@ -184,20 +184,29 @@ class _Sizes:
 
 
 def _default_peak(x: _Sizes, dims: ModelDims, n: int) -> int:
-    """DEX-AR's trace, per sample: a forward without a graph, one backward, the stacking."""
-    rerun = x.rerun + x.head_copy  # a re-run's graph: its rows, and V in w saved by leaf @ V
-    kept = x.layers * (x.rows + rerun)
-    earlier = (x.layers - 1) * (x.rows + rerun)  # what the layers before the last keep while it runs
+    """DEX-AR's trace, per sample: a forward without a graph, each layer's re-run and backward in its hook.
+
+    A layer's answer-rows re-run and its layer-local backward run in its forward hook
+    (:func:`dexar.trace.instrument.forward`'s ``rows_done``), so its graph is freed before the next layer
+    runs: a finished layer keeps its leaf and its gradient. In the model's own precision (float32) the
+    re-run takes every linear's and the attention's output rows from the forward (:mod:`dexar.trace.given`):
+    they wait for it.
+    """
+    earlier = (x.layers - 1) * 2 * x.rows  # the layers before the last: their leaves and gradients
     # the capture: K over every head (repeated, then in w), the answer rows' scores and softmax
     capture = x.head_copy * x.s // x.w + (x.head_copy if x.s < x.w else 0) + 2 * x.rows
     attention = earlier + _attention_forward_bytes(dims, n, x.s) + capture
+    kv = dims.kv_heads * dims.head_dim
+    linear_rows = x.answer * (2 * dims.heads * dims.head_dim + 2 * kv + 2 * dims.hidden + 2 * dims.intermediate) * x.s
+    given = linear_rows if x.s == x.w else 0
     # the last layer's MLP: its captured rows and V in w wait for its re-run (in the layer's forward hook)
-    mlp = earlier + x.rows + x.head_copy + _mlp_forward_bytes(dims, n, x.s)
+    mlp = earlier + x.rows + x.head_copy + given + _mlp_forward_bytes(dims, n, x.s)
+    # its re-run: the graph (rows, V in w) and the leaf's gradient, beside the layer's output
+    rerun = earlier + 2 * x.rows + x.rerun + x.head_copy + given + x.hidden
     # + the layer's input (held by the decoder's loop) and the input embeddings (held by the model's forward)
-    forward = 2 * x.hidden + max(attention, mlp, kept)
-    backward = x.layers * (2 * x.rows + rerun)  # the leaves and their gradients while the re-runs' graphs free
+    forward = 2 * x.hidden + max(attention, mlp, rerun)
     stacking = 3 * x.layers * x.rows  # the leaves, the gradients (a list, then stacked), the stacked leaves
-    return max(forward, backward, stacking)
+    return max(forward, stacking)
 
 
 def _graph_bytes(x: _Sizes, mean: bool) -> int:

@@ -110,7 +110,10 @@ def test_ddp_two_processes_equal_one_process(tiny_checkpoint, tmp_path):
         for sid, rec in one[label].items():
             other = two[label][sid]
             assert rec["tokens"] == other["tokens"]
-            assert torch.allclose(rec["token_maps"], other["token_maps"], atol=1e-6)
+            # float32 maps of other batch compositions (padding changes the kernels' rounding, ~1e-7 relative);
+            # each token map is min-max normalised on its own, so a token whose raw map spans a small range
+            # scales that up (measured: ≤ 6.2e-6 for token maps, ≤ 2.4e-7 for sequence maps)
+            assert torch.allclose(rec["token_maps"], other["token_maps"], atol=2e-5)
             assert torch.allclose(rec["sequence_map"], other["sequence_map"], atol=1e-6)
 
 
