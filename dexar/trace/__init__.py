@@ -8,6 +8,7 @@ this list only; the two runners never import each other):
 * :mod:`~dexar.trace.record`: :class:`Trace`, what the methods read.
 * :mod:`~dexar.trace.plan`: needs → a plan holding one mode per decoder layer, computed once.
 * :mod:`~dexar.trace.given`: the re-run's products valued at the full forward's answer rows, exact backward.
+* :mod:`~dexar.trace.tail`: the hand-written layer-local backward of SwiGLU blocks (no re-run).
 * :mod:`~dexar.trace.attention`: the one masking implementation and the capture functions.
 * :mod:`~dexar.trace.instrument`: frozen parameters, layer hooks, the answer-rows re-run.
 * :mod:`~dexar.trace.layout`: where the answer rows sit in each architecture's batch.

@@ -61,10 +61,17 @@ def run(
     grad_x_hidden: dict[int, torch.Tensor] = {}
     local: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def rows_done(index: int, rows_out: torch.Tensor) -> None:
+    def rows_done(index: int, rows_out: torch.Tensor, block_backward) -> None:
         """A re-run layer's ``y_t^l`` and ``g_t^l`` now, while its weights are in cache."""
-        lens_l = lens_of(rows_out)
-        (grad,) = torch.autograd.grad(lens_l.sum(), record.rows[index], allow_unused=True)
+        if block_backward is None:  # rows_out is in the re-run's graph
+            lens_l = lens_of(rows_out)
+            (grad,) = torch.autograd.grad(lens_l.sum(), record.rows[index], allow_unused=True)
+        else:  # the lens' gradient at the rows, then the block's hand-written backward
+            rows_out = rows_out.detach().requires_grad_(True)
+            with torch.enable_grad():
+                lens_l = lens_of(rows_out)
+                (delta,) = torch.autograd.grad(lens_l.sum(), rows_out)
+            grad = block_backward(delta)
         local[index] = (lens_l.detach(), grad)
 
     with instrument.traced(adapter, session):

@@ -89,7 +89,7 @@ class _GivenAttention(torch.autograd.Function):
         return per_head @ value.transpose(-1, -2), None, None, None
 
 
-def _repeat(module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+def repeat_values(module: nn.Module, value: torch.Tensor) -> torch.Tensor:
     """The values repeated to the query heads (grouped-query attention)."""
     groups = getattr(module, "num_key_value_groups", 1)
     return repeat_kv(value, groups) if groups > 1 else value
@@ -105,7 +105,7 @@ def given_attend(module: nn.Module, probs: torch.Tensor, value: torch.Tensor, ou
         output: ``(B, T, H, D)`` the full forward's attention output at the answer rows.
 
     """
-    value = _repeat(module, value)
+    value = repeat_values(module, value)
     return _GivenProduct.apply(probs, value, output.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
@@ -168,15 +168,20 @@ class RowCapture:
         self.linears = [m for m in layer.modules() if type(m) is nn.Linear and m.weight.device.type != "meta"]
         self.attention_modules = attention_modules
         self.sequence = -1
+        self.keep_inputs = False
         self.calls: dict[nn.Module, Any] = {}
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.module_outputs: dict[nn.Module, tuple[int, int, bool]] = {}
         self._handles: list = []
 
-    def arm(self, sequence: int) -> None:
-        """Hook the linears (and an attention module not yet checked) for a full forward over ``sequence`` rows."""
+    def arm(self, sequence: int, keep_inputs: bool = False) -> None:
+        """Hook the linears (and an attention module not yet checked) for a full forward over ``sequence`` rows.
+
+        With ``keep_inputs`` (or an attention module not yet checked) the linears' input rows are kept too.
+        """
         self.disarm()
         self.sequence = sequence
+        self.keep_inputs = keep_inputs or any(m not in _BYPASS for m in self.attention_modules)
         self.calls.clear()
         self.inputs.clear()
         self.module_outputs.clear()
@@ -204,13 +209,28 @@ class RowCapture:
         x = args[0]
         rows = output[:, self.rows].clone()
         self.calls[module] = _Linear(rows, x.data_ptr(), output.data_ptr(), self.attention_done())
-        if len(self._handles) > len(self.linears):  # an attention module is being checked: keep the inputs' rows
+        if self.keep_inputs:  # a structure is being checked
             self.inputs[module] = x[:, self.rows].clone()
 
     def _keep_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         first, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
         size = len(output) if isinstance(output, tuple) else 0
         self.module_outputs[module] = (first.data_ptr(), size, all(r is None for r in rest))
+
+    def output_rows(self) -> dict[nn.Module, torch.Tensor]:
+        """Linear → its output rows in the full forward (linears called once)."""
+        return {m: c.rows for m, c in self.calls.items() if c is not _AMBIGUOUS}
+
+    def projection(self, attention: AttentionRows) -> nn.Linear | None:
+        """The attention module's output projection if the module returns ``o_proj(A V)`` unchanged (checked)."""
+        found = self._projection(attention)
+        return None if found is None else found[0]
+
+    def clear(self) -> None:
+        """Drop the rows (the layer is done)."""
+        self.disarm()
+        self.calls.clear()
+        self.inputs.clear()
 
     def _projection(self, attention: AttentionRows) -> tuple[nn.Linear, int] | None:
         """The output projection the attention module returns unchanged, and its output tuple's length.
@@ -261,7 +281,7 @@ class RowCapture:
                 projection, size = found
                 module = attention.module
                 patched.append((module, module.__dict__.get("forward")))
-                values = _repeat(module, attention.values)
+                values = repeat_values(module, attention.values)
                 module.forward = _given_module(leaf, values, projection.weight, self.calls[projection].rows, size)
             yield lambda call: given_attend(call.module, leaf, attention.values, attention.output)
         finally:

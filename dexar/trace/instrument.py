@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dexar.trace import tail
 from dexar.trace.attention import (
     CAPTURE_NAME,
     GIVEN_NAME,
@@ -25,7 +26,7 @@ from dexar.trace.attention import (
     attend,
     given,
 )
-from dexar.trace.given import RowCapture, exact_rerun
+from dexar.trace.given import RowCapture, exact_rerun, repeat_values
 from dexar.trace.plan import Capture, Input
 from dexar.trace.precision import upcast, working_dtype
 
@@ -104,7 +105,7 @@ def forward(
     batch: TeacherForcedBatch,
     session: Session,
     pixel_values: torch.Tensor | None = None,
-    rows_done: Callable[[int, torch.Tensor], None] | None = None,
+    rows_done: Callable[[int, torch.Tensor, Callable | None], None] | None = None,
 ) -> Forward:
     """Run the model once inside :func:`traced`, the layer hooks of ``session``'s plan installed.
 
@@ -115,9 +116,11 @@ def forward(
         batch: The teacher-forced batch.
         session: The active session (plan, answer rows, recording).
         pixel_values: Other pixel values than the batch's (the probes' forwards).
-        rows_done: Called with ``(layer, rows)`` right after a ``RERUN_ROWS`` layer's re-run, ``rows`` its
-            ``(B, T, D)`` output rows in the re-run's graph (under grad mode): its backward can run while the
-            layer's weights are still in cache. ``Forward.rows`` keeps them detached when it is given.
+        rows_done: Called with ``(layer, rows, backward)`` right after a ``RERUN_ROWS`` layer's forward, while
+            its weights are still in cache: ``rows`` its ``(B, T, D)`` output rows and ``backward`` ``None``, the
+            rows in its re-run's graph (under grad mode); or, for a SwiGLU block (:mod:`dexar.trace.tail`),
+            ``rows`` without a graph and ``backward(δ) = ∂y/∂A[p_t]`` for ``δ = ∂y/∂rows``. ``Forward.rows``
+            keeps them detached when it is given.
 
     """
     layers = adapter.decoder_layers
@@ -137,7 +140,7 @@ def layer_hooks(
     session: Session,
     config: Any,
     kept: Forward,
-    rows_done: Callable[[int, torch.Tensor], None] | None = None,
+    rows_done: Callable[[int, torch.Tensor, Callable | None], None] | None = None,
 ) -> list:
     """Hooks applying the plan to each layer's input and keeping its output rows in ``kept``.
 
@@ -164,7 +167,7 @@ def layer_hooks(
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if capture is not None:
-                capture.arm(hidden.shape[1])
+                capture.arm(hidden.shape[1], keep_inputs=rows_done is not None and module not in tail.CHECKED)
             if step.input is Input.DETACH:
                 hidden = hidden.detach()
             elif step.input is Input.LEAF:
@@ -187,11 +190,20 @@ def layer_hooks(
             if index == last and plan.final_hidden:
                 kept.last = hidden
             if step.capture is Capture.RERUN_ROWS:
-                with torch.enable_grad():
-                    out = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config, capture)
-                    if rows_done is not None:
-                        rows_done(index, out)
-                        out = out.detach()
+                fast = (
+                    None
+                    if capture is None or rows_done is None
+                    else _block_backward(module, index, args, kwargs, hidden, session, capture)
+                )
+                if fast is not None:  # a SwiGLU block: its backward by hand, no re-run
+                    out = hidden[:, rows].clone()
+                    rows_done(index, out, fast)
+                else:
+                    with torch.enable_grad():
+                        out = rerun_answer_rows(module, index, args, kwargs, hidden.shape[1], session, config, capture)
+                        if rows_done is not None:
+                            rows_done(index, out, None)
+                            out = out.detach()
                 kept.rows[index] = out
             else:
                 kept.rows[index] = hidden[:, rows].clone()  # a view would keep the whole (B, N, D) output alive
@@ -203,6 +215,29 @@ def layer_hooks(
         handles.append(layer.register_forward_pre_hook(make_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(make_post(i), with_kwargs=True))
     return handles
+
+
+def _block_backward(
+    layer: nn.Module, index: int, args: tuple, kwargs: dict, hidden: torch.Tensor, session: Session, capture: RowCapture
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The hand-written backward of a SwiGLU block (:mod:`dexar.trace.tail`) whose attention returns ``o_proj(A V)``.
+
+    ``None`` (the layer is re-run) unless both were checked on the forward's rows. On success the layer's
+    recorded attention and rows are consumed.
+    """
+    rows = session.rows
+    attention = session.record.reruns[index]
+    projection = capture.projection(attention)
+    block = tail.SwiGLUBlock.of(layer)
+    if projection is None or block is None or projection is not block.o_proj:
+        return None
+    x = (args[0] if args else kwargs["hidden_states"])[:, rows]
+    values = repeat_values(attention.module, attention.values)
+    backward = tail.swiglu_backward(layer, capture.output_rows(), capture.inputs, x, hidden[:, rows], values)
+    if backward is not None:
+        session.record.reruns.pop(index)
+        capture.clear()
+    return backward
 
 
 def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:

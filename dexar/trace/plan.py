@@ -61,7 +61,8 @@ class Capture(enum.Enum):
     LEAF_ROWS = "leaf_rows"
     """SDPA for every row; the answer rows recomputed from a leaf copy of ``A^l[:, p_t, :]``."""
     RERUN_ROWS = "rerun_rows"
-    """As ``LEAF_ROWS`` without autograd; the layer is re-run on its answer rows to build their graph."""
+    """As ``LEAF_ROWS`` without autograd; the layer is re-run on its answer rows to build their graph (a
+    float32/float64 SwiGLU block instead gets its backward by hand from the forward's rows: :mod:`dexar.trace.tail`)."""
     GRAPH_ROWS = "graph_rows"
     """SDPA without a graph for every row; the answer rows in the graph, computed from ``q``, ``K``, ``V``."""
     GRAPH = "graph"

@@ -80,7 +80,7 @@ def test_attention_output_changed_before_its_projection_is_not_skipped(tiny64, s
     assert (fast.grads - slow.grads).abs().max() <= 1e-12
     length = int(batch.answer_lengths[1])
     pad = int((batch.inputs["attention_mask"][1] == 0).sum())
-    assert (fast.grads[1, :, :, -length:, pad:] - ref[..., pad:]).abs().max() <= 1e-10
+    assert (fast.grads[1, :, :, -length:, pad:] - ref).abs().max() <= 1e-10
 
 
 class _TwiceLayer(nn.Module):

@@ -1,0 +1,133 @@
+"""A hand-written layer-local backward for pre-norm SwiGLU blocks: DEX-AR's gradient without a re-run.
+
+The blocks of LLaMA, Mistral, Qwen2 and Idefics3's text model compute, at each answer row,
+
+    h = x + o_proj(A V),   n = w ⊙ h · rsqrt(mean(h²) + ε),   out = h + down(silu(gate n) ⊙ up n),
+
+and DEX-AR needs ``∂y/∂A[p_t]`` given ``δ = ∂y/∂out`` (the logit lens' gradient at the layer's output
+rows). With the forward's rows of ``o_proj``, ``gate`` and ``up`` (:class:`~dexar.trace.given.RowCapture`),
+the chain rule is a dozen ``T``-row operations:
+
+    δ_a = δ W_down,   δ_g = δ_a ⊙ up ⊙ σ(g)(1 + g(1 − σ(g))),   δ_u = δ_a ⊙ silu(g),
+    δ_n = δ_g W_gate + δ_u W_up,   δ_h = δ + r (v − ĥ mean(v ⊙ ĥ)),  v = w ⊙ δ_n, ĥ = h r, r = rsqrt(mean(h²) + ε),
+    ∂y/∂A = (δ_h W_o per head) Vᵀ.
+
+On the CPU the answer-rows re-run through the module code and autograd's nodes cost more than this
+arithmetic (``benchmarks/one_pass.py``: explain 1.19× → 1.11× a forward, alternated in one process).
+The block's structure is checked on the forward's own rows the first time a layer is traced (the
+normalised state equals ``gate``'s input, ``silu(g) ⊙ up`` equals ``down``'s input, ``h + down``
+equals the layer's output); a layer that does not match keeps the re-run
+(:func:`dexar.trace.instrument.rerun_answer_rows`), as does any other family (Gemma's norm scales by
+``1 + w`` and its MLP is GeGLU).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Decoder layer → whether its rows matched the SwiGLU block's formula the first time it was traced."""
+
+
+@dataclass(frozen=True)
+class SwiGLUBlock:
+    """The post-attention modules of a pre-norm SwiGLU decoder layer."""
+
+    o_proj: nn.Linear
+    norm: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    eps: float
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> SwiGLUBlock | None:
+        """The block's modules by transformers' LLaMA-family names, or ``None`` if ``layer`` is not one."""
+        attention = getattr(layer, "self_attn", None)
+        mlp = getattr(layer, "mlp", None)
+        norm = getattr(layer, "post_attention_layernorm", None)
+        if attention is None or mlp is None or norm is None:
+            return None
+        linears = [
+            getattr(attention, "o_proj", None),
+            *(getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")),
+        ]
+        act = getattr(mlp, "act_fn", None)
+        eps = getattr(norm, "variance_epsilon", None)
+        if any(type(m) is not nn.Linear for m in linears) or type(act).__name__ not in ("SiLUActivation", "SiLU"):
+            return None
+        if eps is None or getattr(norm, "weight", None) is None:
+            return None
+        return cls(*linears[:1], norm, *linears[1:], float(eps))
+
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """``w ⊙ h · rsqrt(mean(h²) + ε)``."""
+        return self.norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def matches(self, h: torch.Tensor, rows: dict, inputs: dict, out: torch.Tensor) -> bool:
+        """Whether the forward's rows follow the block's formula (``rows``/``inputs``: a linear's output/input rows)."""
+        if any(m not in inputs for m in (self.gate, self.down)):
+            return False
+        g, u, d = rows[self.gate], rows[self.up], rows[self.down]
+        tol = {"rtol": 1e-5, "atol": 1e-6} if h.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+        return (
+            torch.allclose(self.normed(h), inputs[self.gate], **tol)
+            and torch.allclose(torch.nn.functional.silu(g) * u, inputs[self.down], **tol)
+            and torch.allclose(h + d, out, **tol)
+        )
+
+    def backward(
+        self, delta: torch.Tensor, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """``∂y/∂A[p_t]`` ``(B, H, T, N)`` from ``δ = ∂y/∂out`` ``(B, T, D)`` (see the module docstring).
+
+        Args:
+            delta: The lens' gradient at the layer's output rows.
+            h: ``x + o_proj(A V)`` at the rows.
+            g: ``gate``'s output rows.
+            u: ``up``'s output rows.
+            values: ``(B, H, N, d)`` the values, repeated to the query heads.
+
+        """
+        sigma = torch.sigmoid(g)
+        d_act = delta @ self.down.weight
+        d_gate = d_act * u * (sigma * (1 + g * (1 - sigma)))
+        d_up = d_act * (g * sigma)
+        v = (d_gate @ self.gate.weight + d_up @ self.up.weight) * self.norm.weight
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        hat = h * r
+        d_h = delta + r * (v - hat * (v * hat).mean(-1, keepdim=True))
+        b, t, _ = d_h.shape
+        per_head = (d_h @ self.o_proj.weight).view(b, t, values.shape[1], -1).transpose(1, 2)
+        return per_head @ values.transpose(-1, -2)
+
+
+def swiglu_backward(
+    layer: nn.Module, rows: dict, inputs: dict, x: torch.Tensor, out: torch.Tensor, values: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``δ ↦ ∂y/∂A[p_t]`` for ``layer`` if it is a SwiGLU block whose rows match its formula, else ``None``.
+
+    Args:
+        layer: The decoder layer.
+        rows: Linear → its output rows in the layer's full forward.
+        inputs: Linear → its input rows (kept the first time the layer is traced, for the check).
+        x: ``(B, T, D)`` the layer's input rows.
+        out: ``(B, T, D)`` the layer's output rows.
+        values: ``(B, H, N, d)`` the values, repeated to the query heads.
+
+    """
+    block = SwiGLUBlock.of(layer)
+    if block is None or any(m not in rows for m in (block.o_proj, block.gate, block.up, block.down)):
+        return None
+    h = x + rows[block.o_proj]
+    if layer not in CHECKED:
+        CHECKED[layer] = block.matches(h, rows, inputs, out)
+    if not CHECKED[layer]:
+        return None
+    g, u = rows[block.gate], rows[block.up]
+    return lambda delta: block.backward(delta, h, g, u, values)
