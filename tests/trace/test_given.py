@@ -7,15 +7,10 @@ import torch
 from torch import nn
 
 from dexar.adapters import get_adapter
+from dexar.testing.adapter_checks import make_batch
 from dexar.testing.reference import naive_layer_grads
 from dexar.trace import given, instrument
 from dexar.trace import run as run_trace
-
-
-def _batch(adapter, samples, lengths):
-    answers = [adapter.tokenize_answer(s.answer)[:n] for s, n in zip(samples, lengths, strict=True)]
-    prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
-    return adapter.build_batch(prompt_ids, answers, image_inputs)
 
 
 def _computed(adapter, batch, monkeypatch):
@@ -32,7 +27,7 @@ def _attention_modules(adapter):
 def test_given_rerun_equals_computed_rerun_and_skips_the_attention(tiny64, samples, monkeypatch):
     """float64 GQA LLaVA, padded batch: maps and lens as the computing re-run; the attention modules are skipped."""
     adapter = get_adapter(*tiny64)
-    batch = _batch(adapter, samples[:3], [9, 1, 5])
+    batch = make_batch(adapter, samples[:3], [9, 1, 5])
     for module in _attention_modules(adapter):
         given._BYPASS.pop(module, None)
     calls = []
@@ -58,7 +53,7 @@ def test_given_rerun_equals_computed_rerun_and_skips_the_attention(tiny64, sampl
 def test_attention_output_changed_before_its_projection_is_not_skipped(tiny64, samples, monkeypatch):
     """An in-place change of the attention output before ``o_proj`` fails the value check: the module re-runs."""
     adapter = get_adapter(*tiny64)
-    batch = _batch(adapter, samples[:2], [4, 6])
+    batch = make_batch(adapter, samples[:2], [4, 6])
     modules = _attention_modules(adapter)
     for module in modules:
         given._BYPASS.pop(module, None)

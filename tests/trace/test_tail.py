@@ -7,17 +7,12 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from dexar.adapters import get_adapter
+from dexar.testing.adapter_checks import make_batch
 from dexar.testing.llava import random_llava
 from dexar.testing.paligemma import random_paligemma
 from dexar.testing.reference import naive_layer_grads
 from dexar.trace import instrument, tail
 from dexar.trace import run as run_trace
-
-
-def _batch(adapter, samples, lengths):
-    answers = [adapter.tokenize_answer(s.answer)[:n] for s, n in zip(samples, lengths, strict=True)]
-    prompt_ids, image_inputs = adapter.encode_prompts([s.image for s in samples], [s.prompt for s in samples])
-    return adapter.build_batch(prompt_ids, answers, image_inputs)
 
 
 def _rerun(adapter, batch, monkeypatch):
@@ -42,7 +37,7 @@ def test_block_backward_equals_the_reference_in_float64(tiny64, samples, monkeyp
     """A float64 GQA LLaVA whose norms compute in float64, padded batch: ≤ 1e-10 from the naive reference."""
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _norm_in_own_precision)
     adapter = get_adapter(*tiny64)
-    batch = _batch(adapter, samples[:3], [9, 1, 5])
+    batch = make_batch(adapter, samples[:3], [9, 1, 5])
     _forget(adapter)
     try:
         fast = run_trace(adapter, batch)
@@ -65,7 +60,7 @@ def test_float64_model_with_float32_norms_keeps_the_rerun(tiny64, samples):
     """LLaMA's norm rounds through float32: the rows miss the float64 formula, so the layer is re-run."""
     adapter = get_adapter(*tiny64)
     _forget(adapter)
-    run_trace(adapter, _batch(adapter, samples[:1], [4]))
+    run_trace(adapter, make_batch(adapter, samples[:1], [4]))
     assert [tail.CHECKED[layer] for layer in adapter.decoder_layers] == [False] * len(adapter.decoder_layers)
     _forget(adapter)
 
@@ -74,7 +69,7 @@ def test_float32_block_backward_tracks_the_rerun(samples, monkeypatch):
     """The float32 model used by the benchmarks: the hand-written backward within float32 rounding of autograd's."""
     model, processor = random_llava(hidden=64, layers=2, heads=4, kv_heads=2, grid=4, dtype=torch.float32, seed=3)
     adapter = get_adapter(model, processor)
-    batch = _batch(adapter, samples[:2], [6, 3])
+    batch = make_batch(adapter, samples[:2], [6, 3])
     fast = run_trace(adapter, batch)
     assert all(tail.CHECKED[layer] for layer in adapter.decoder_layers)
     slow = _rerun(adapter, batch, monkeypatch)
@@ -93,7 +88,7 @@ def test_a_block_off_the_formula_keeps_the_rerun(tiny64, samples, monkeypatch):
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", one_plus_w)
     adapter = get_adapter(*tiny64)
-    batch = _batch(adapter, samples[:2], [5, 7])
+    batch = make_batch(adapter, samples[:2], [5, 7])
     _forget(adapter)
     try:
         trace = run_trace(adapter, batch)
