@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from dexar.trace.precision import computes_in_own_precision
+
 _AMBIGUOUS = object()
 """Marks a linear called more than once in one layer forward: its rows are not one product's."""
 _BYPASS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
@@ -111,8 +113,7 @@ def given_attend(module: nn.Module, probs: torch.Tensor, value: torch.Tensor, ou
 
 def exact_rerun(layer: nn.Module) -> bool:
     """Whether ``layer``'s re-run computes in its parameters' own precision (no parameter narrower than float32)."""
-    dtypes = {p.dtype for p in layer.parameters() if p.is_floating_point()}
-    return bool(dtypes) and all(torch.promote_types(d, torch.float32) == d for d in dtypes)
+    return computes_in_own_precision(layer)
 
 
 @dataclass

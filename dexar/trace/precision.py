@@ -37,6 +37,12 @@ def _narrowest_dtype(modules: tuple[Any, ...]) -> torch.dtype | None:
     return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else None
 
 
+def computes_in_own_precision(*modules: Any) -> bool:
+    """Whether ``modules`` have floating parameters and none is narrower than its working dtype (float32, float64)."""
+    narrowest = _narrowest_dtype(modules)
+    return narrowest is not None and working_dtype(narrowest) == narrowest
+
+
 class _WideLinear(torch.autograd.Function):
     """``x Wᵀ + b`` in ``x``'s precision; the backward (w.r.t. ``x`` only: parameters are frozen) reuses ``W``."""
 
@@ -101,8 +107,7 @@ def upcast(*modules: Any) -> Iterator[None]:
             which saves its Python dispatch on every op of the block (about 600 per trace of an
             8-layer model). Without modules (or parameters) the mode is always entered.
     """
-    narrowest = _narrowest_dtype(modules)
-    if narrowest is not None and working_dtype(narrowest) == narrowest:
+    if computes_in_own_precision(*modules):
         yield
         return
     with _Upcast():
