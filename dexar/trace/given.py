@@ -85,10 +85,21 @@ class _GivenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         value, weight = ctx.saved_tensors
-        b, t, _ = grad.shape
-        heads = value.shape[1]
-        per_head = (grad @ weight).view(b, t, heads, -1).transpose(1, 2)  # (B, H, T, d)
-        return per_head @ value.transpose(-1, -2), None, None, None
+        return attention_backward(grad, weight, value), None, None, None
+
+
+def attention_backward(grad: torch.Tensor, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``∂/∂A`` ``(B, H, T, N)`` of ``o_proj(A V)`` given its output gradient: ``(δ W_o)`` per head times ``Vᵀ``.
+
+    Args:
+        grad: The gradient at the output projection's output rows.
+        weight: The output projection's weight.
+        values: ``(B, H, N, d)`` the values, repeated to the query heads.
+
+    """
+    b, t, _ = grad.shape
+    per_head = (grad @ weight).view(b, t, values.shape[1], -1).transpose(1, 2)  # (B, H, T, d)
+    return per_head @ values.transpose(-1, -2)
 
 
 def repeat_values(module: nn.Module, value: torch.Tensor) -> torch.Tensor:

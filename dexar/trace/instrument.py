@@ -233,7 +233,7 @@ def _block_backward(
         return None
     x = (args[0] if args else kwargs["hidden_states"])[:, rows]
     values = repeat_values(attention.module, attention.values)
-    backward = tail.swiglu_backward(layer, capture.output_rows(), capture.inputs, x, hidden[:, rows], values)
+    backward = tail.swiglu_backward(block, layer, capture.output_rows(), capture.inputs, x, hidden[:, rows], values)
     if backward is not None:
         session.record.reruns.pop(index)
         capture.clear()

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dexar.trace.given import attention_backward
+
 CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Decoder layer → whether its rows matched the SwiGLU block's formula the first time it was traced."""
 
@@ -102,17 +104,22 @@ class SwiGLUBlock:
         r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         hat = h * r
         d_h = delta + r * (v - hat * (v * hat).mean(-1, keepdim=True))
-        b, t, _ = d_h.shape
-        per_head = (d_h @ self.o_proj.weight).view(b, t, values.shape[1], -1).transpose(1, 2)
-        return per_head @ values.transpose(-1, -2)
+        return attention_backward(d_h, self.o_proj.weight, values)
 
 
 def swiglu_backward(
-    layer: nn.Module, rows: dict, inputs: dict, x: torch.Tensor, out: torch.Tensor, values: torch.Tensor
+    block: SwiGLUBlock,
+    layer: nn.Module,
+    rows: dict,
+    inputs: dict,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    values: torch.Tensor,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``δ ↦ ∂y/∂A[p_t]`` for ``layer`` if it is a SwiGLU block whose rows match its formula, else ``None``.
+    """``δ ↦ ∂y/∂A[p_t]`` for ``layer`` if its rows match its SwiGLU block's formula, else ``None``.
 
     Args:
+        block: The layer's block (:meth:`SwiGLUBlock.of`).
         layer: The decoder layer.
         rows: Linear → its output rows in the layer's full forward.
         inputs: Linear → its input rows (kept the first time the layer is traced, for the check).
@@ -121,8 +128,7 @@ def swiglu_backward(
         values: ``(B, H, N, d)`` the values, repeated to the query heads.
 
     """
-    block = SwiGLUBlock.of(layer)
-    if block is None or any(m not in rows for m in (block.o_proj, block.gate, block.up, block.down)):
+    if any(m not in rows for m in (block.o_proj, block.gate, block.up, block.down)):
         return None
     h = x + rows[block.o_proj]
     if layer not in CHECKED:
