@@ -53,6 +53,16 @@ class _MaskedSoftmax(torch.autograd.Function):
         return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None
 
 
+def _fill_masked(scores: torch.Tensor, masked: torch.Tensor) -> None:
+    """Set ``scores`` to their dtype's lowest value where ``masked`` (broadcast over the heads) is True, in place.
+
+    Added as a bias of ``masked``'s shape: ``s + low`` rounds to ``low`` for any finite score, so this equals
+    ``masked_fill_``, which costs five times as much on the CPU when it broadcasts over the heads.
+    """
+    low = torch.finfo(scores.dtype).min
+    scores.add_(torch.zeros(masked.shape, dtype=scores.dtype, device=scores.device).masked_fill_(masked, low))
+
+
 def attention_probs(
     module: nn.Module,
     query: torch.Tensor,
@@ -79,19 +89,17 @@ def attention_probs(
     scores = torch.matmul(query[:, :, rows].to(work) * scale, key.to(work).transpose(-1, -2))
     n = key.shape[2]
     low = torch.finfo(work).min
-    # Masked scores become ``s + low``, which rounds to ``low`` for any finite score: an add of a (B, 1, R, N)
-    # bias is the same as a broadcast masked_fill_ over the heads, and costs a fifth of it on the CPU.
     if attention_mask is not None:
         mask = attention_mask[:, :, rows, :n]
         if mask.dtype == torch.bool:
-            scores.add_(torch.zeros(mask.shape, dtype=work, device=mask.device).masked_fill_(~mask, low))
+            _fill_masked(scores, ~mask)
             return _MaskedSoftmax.apply(scores, mask.any(-1, keepdim=True))
         scores = scores.add_(mask.to(work)).clamp(min=low)
     elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         positions = torch.arange(query.shape[2], device=query.device)[rows]
         offset = n - query.shape[2]
         future = torch.arange(n, device=query.device)[None, :] > positions[:, None] + offset
-        scores.add_(torch.zeros(future.shape, dtype=work, device=future.device).masked_fill_(future, low))
+        _fill_masked(scores, future)
     return torch.softmax(scores, dim=-1)
 
 
