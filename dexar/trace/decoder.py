@@ -67,10 +67,7 @@ def run(
             lens_l = lens_of(rows_out)
             (grad,) = torch.autograd.grad(lens_l.sum(), record.rows[index], allow_unused=True)
         else:  # the lens' gradient at the rows, then the block's hand-written backward
-            rows_out = rows_out.detach().requires_grad_(True)
-            with torch.enable_grad():
-                lens_l = lens_of(rows_out)
-                (delta,) = torch.autograd.grad(lens_l.sum(), rows_out)
+            lens_l, delta = lens_of.value_and_grad(rows_out)
             grad = block_backward(delta)
         local[index] = (lens_l.detach(), grad)
 

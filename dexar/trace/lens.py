@@ -7,14 +7,21 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from dexar.trace.precision import upcast, working_dtype
+from dexar.trace.rmsnorm import RMSNorm
 
 if TYPE_CHECKING:
     from dexar.adapters.base import VLMAdapter
+
+
+FORMULA: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Final norm → whether its output matched :class:`~dexar.trace.rmsnorm.RMSNorm` the first time it was seen."""
 
 
 class LogitLens:
@@ -45,6 +52,34 @@ class LogitLens:
         if self.bias is not None:
             values = values + self.bias
         return values * self.answer_mask
+
+    def value_and_grad(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T)`` the lens of ``(B, T, D)`` rows (no graph) and ``(B, T, D)`` its gradient at the rows.
+
+        Written out for a final RMS norm (:mod:`dexar.trace.rmsnorm`): ``∂y_t/∂h = RMSNorm.backward(h, U[w_t])``,
+        the gradient ``0`` on padding slots; used once the norm's output was seen to match the formula on
+        these rows' dtype, else autograd.
+        """
+        hidden = hidden.detach()
+        norm = RMSNorm.of(self.adapter.final_norm)
+        if norm is not None and hidden.dtype == self.work and self._formula(norm, hidden):
+            with torch.no_grad():
+                values = self(hidden)
+                grad = norm.backward(hidden, self.unembed) * self.answer_mask[..., None]
+            return values, grad
+        hidden.requires_grad_(True)
+        with torch.enable_grad():
+            values = self(hidden)
+            (grad,) = torch.autograd.grad(values.sum(), hidden)
+        return values.detach(), grad
+
+    @staticmethod
+    def _formula(norm: RMSNorm, hidden: torch.Tensor) -> bool:
+        """Whether the final norm computes :class:`RMSNorm`'s formula (checked on ``hidden`` the first time)."""
+        if norm.module not in FORMULA:
+            with torch.no_grad():
+                FORMULA[norm.module] = norm.matches(hidden, norm.module(hidden))
+        return FORMULA[norm.module]
 
 
 def layer_lens(adapter: VLMAdapter, rows: list[torch.Tensor], answer_ids: torch.Tensor) -> list[torch.Tensor]:

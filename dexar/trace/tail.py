@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dexar.trace.given import attention_backward
+from dexar.trace.rmsnorm import RMSNorm, tolerance
 
 CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Decoder layer → whether its rows matched the SwiGLU block's formula the first time it was traced."""
@@ -41,18 +42,17 @@ class SwiGLUBlock:
     """The post-attention modules of a pre-norm SwiGLU decoder layer."""
 
     o_proj: nn.Linear
-    norm: nn.Module
+    norm: RMSNorm
     gate: nn.Linear
     up: nn.Linear
     down: nn.Linear
-    eps: float
 
     @classmethod
     def of(cls, layer: nn.Module) -> SwiGLUBlock | None:
         """The block's modules by transformers' LLaMA-family names, or ``None`` if ``layer`` is not one."""
         attention = getattr(layer, "self_attn", None)
         mlp = getattr(layer, "mlp", None)
-        norm = getattr(layer, "post_attention_layernorm", None)
+        norm = RMSNorm.of(getattr(layer, "post_attention_layernorm", None))
         if attention is None or mlp is None or norm is None:
             return None
         linears = [
@@ -60,25 +60,18 @@ class SwiGLUBlock:
             *(getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")),
         ]
         act = getattr(mlp, "act_fn", None)
-        eps = getattr(norm, "variance_epsilon", None)
         if any(type(m) is not nn.Linear for m in linears) or type(act).__name__ not in ("SiLUActivation", "SiLU"):
             return None
-        if eps is None or getattr(norm, "weight", None) is None:
-            return None
-        return cls(*linears[:1], norm, *linears[1:], float(eps))
-
-    def normed(self, h: torch.Tensor) -> torch.Tensor:
-        """``w ⊙ h · rsqrt(mean(h²) + ε)``."""
-        return self.norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+        return cls(*linears[:1], norm, *linears[1:])
 
     def matches(self, h: torch.Tensor, rows: dict, inputs: dict, out: torch.Tensor) -> bool:
         """Whether the forward's rows follow the block's formula (``rows``/``inputs``: a linear's output/input rows)."""
         if any(m not in inputs for m in (self.gate, self.down)):
             return False
         g, u, d = rows[self.gate], rows[self.up], rows[self.down]
-        tol = {"rtol": 1e-5, "atol": 1e-6} if h.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+        tol = tolerance(h.dtype)
         return (
-            torch.allclose(self.normed(h), inputs[self.gate], **tol)
+            self.norm.matches(h, inputs[self.gate])
             and torch.allclose(torch.nn.functional.silu(g) * u, inputs[self.down], **tol)
             and torch.allclose(h + d, out, **tol)
         )
@@ -100,10 +93,7 @@ class SwiGLUBlock:
         d_act = delta @ self.down.weight
         d_gate = d_act * u * (sigma * (1 + g * (1 - sigma)))
         d_up = d_act * (g * sigma)
-        v = (d_gate @ self.gate.weight + d_up @ self.up.weight) * self.norm.weight
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        hat = h * r
-        d_h = delta + r * (v - hat * (v * hat).mean(-1, keepdim=True))
+        d_h = delta + self.norm.backward(h, d_gate @ self.gate.weight + d_up @ self.up.weight)
         return attention_backward(d_h, self.o_proj.weight, values)
 
 

@@ -11,7 +11,7 @@ from dexar.testing.adapter_checks import make_batch
 from dexar.testing.llava import random_llava
 from dexar.testing.paligemma import random_paligemma
 from dexar.testing.reference import naive_layer_grads
-from dexar.trace import instrument, tail
+from dexar.trace import instrument, lens, tail
 from dexar.trace import run as run_trace
 
 
@@ -23,8 +23,10 @@ def _rerun(adapter, batch, monkeypatch):
 
 
 def _forget(adapter):
+    """Drop the verdicts cached for this model's modules (a test patches the norms' code)."""
     for layer in adapter.decoder_layers:
         tail.CHECKED.pop(layer, None)
+    lens.FORMULA.pop(adapter.final_norm, None)
 
 
 def _norm_in_own_precision(self, hidden_states):
@@ -42,6 +44,7 @@ def test_block_backward_equals_the_reference_in_float64(tiny64, samples, monkeyp
     try:
         fast = run_trace(adapter, batch)
         assert [tail.CHECKED[layer] for layer in adapter.decoder_layers] == [True] * len(adapter.decoder_layers)
+        assert lens.FORMULA[adapter.final_norm]  # the lens' gradient is written out too
         slow = _rerun(adapter, batch, monkeypatch)
         for b in range(3):
             ref, _ = naive_layer_grads(adapter, batch, b)
@@ -63,6 +66,32 @@ def test_float64_model_with_float32_norms_keeps_the_rerun(tiny64, samples):
     run_trace(adapter, make_batch(adapter, samples[:1], [4]))
     assert [tail.CHECKED[layer] for layer in adapter.decoder_layers] == [False] * len(adapter.decoder_layers)
     _forget(adapter)
+
+
+@pytest.mark.parametrize("norm", ["stock", "one_plus_w"])
+def test_lens_gradient_by_formula_equals_autograd(samples, monkeypatch, norm):
+    """The lens' written-out gradient at padded float32 rows equals autograd's; a 1 + w norm is refused."""
+    if norm == "one_plus_w":
+
+        def one_plus_w(self, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return (1 + self.weight) * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+        monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", one_plus_w)
+    model, processor = random_llava(hidden=64, layers=2, heads=4, kv_heads=2, grid=4, dtype=torch.float32, seed=5)
+    adapter = get_adapter(model, processor)
+    answer_ids = torch.tensor([[3, 7, 11, -1], [-1, -1, 5, 9]])
+    rows = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    readout = lens.LogitLens(adapter, answer_ids)
+    values, grad = readout.value_and_grad(rows)
+    assert lens.FORMULA[adapter.final_norm] is (norm == "stock")
+    leaf = rows.clone().requires_grad_(True)
+    expected = readout(leaf)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    assert (values - expected.detach()).abs().max() == 0
+    assert grad.abs().max() > 1e-2
+    assert (grad - expected_grad).abs().max() <= 1e-6 * expected_grad.abs().max()
+    assert grad[1, :2].abs().max() == 0 and grad[0, 3].abs().max() == 0  # padding slots
 
 
 def test_float32_block_backward_tracks_the_rerun(samples, monkeypatch):
