@@ -9,6 +9,7 @@ from datamodules.shapes import make_shapes_sample
 from dexar import SHAPES_CHECKPOINT, load_model
 from dexar.adapters import get_adapter
 from dexar.methods import METHODS, build_method
+from dexar.trace import precision
 from dexar.trace import run as run_trace
 from dexar.trace.precision import upcast
 
@@ -115,3 +116,61 @@ def test_upcast_mode_is_entered_only_for_narrow_parameters():
     x = torch.randn(3, 2, dtype=torch.float32)
     with upcast(mixed):
         assert mixed[0](x).dtype == torch.float32  # the bf16 linear computes in its float32 input's precision
+
+
+def _emulated_fp32_out_gemm(calls):
+    """The kernel's arithmetic on the CPU: bf16 products are exact in float32, and the sums accumulate in float32."""
+
+    def gemm(a, b):
+        assert a.dtype == b.dtype == torch.bfloat16
+        calls.append(a.shape)
+        return a.float() @ b.float()
+
+    return gemm
+
+
+def test_split_bf16_parts_sum_to_the_float32_value_exactly():
+    generator = torch.Generator().manual_seed(0)
+    scale = 2.0 ** torch.randint(-60, 60, (4096,), generator=generator).float()
+    x = torch.randn(4096, generator=generator) * scale
+    parts = precision.split_bf16(x)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, 4096)
+    assert torch.equal((parts[0].float() + parts[1].float()) + parts[2].float(), x)
+    assert not torch.equal(parts[0].float(), x)  # one bf16 part alone would not do
+
+
+def test_the_fp32_output_gemm_is_probed_once_per_device(monkeypatch):
+    """Used only where it returns the float32 product: not where it raises (this CPU) or rounds to bf16."""
+    cpu = torch.device("cpu")
+    for gemm, expected in ((lambda a, b: a @ b, False), (_emulated_fp32_out_gemm([]), True)):  # bf16 output, float32
+        monkeypatch.setattr(precision, "_FP32_OUT_GEMM", {})
+        monkeypatch.setattr(precision, "fp32_out_gemm", gemm)
+        assert precision._has_fp32_out_gemm(cpu) is expected
+    monkeypatch.setattr(precision, "fp32_out_gemm", lambda a, b: 1 / 0)
+    assert precision._has_fp32_out_gemm(cpu) is True  # cached, not tried again
+
+    def unsupported(a, b):
+        raise NotImplementedError("aten::mm.dtype has no CPU kernel")
+
+    monkeypatch.setattr(precision, "_FP32_OUT_GEMM", {})
+    monkeypatch.setattr(precision, "fp32_out_gemm", unsupported)
+    assert precision._has_fp32_out_gemm(cpu) is False
+
+
+def test_split_gemm_re_run_equals_the_cast_weights_re_run(monkeypatch):
+    """A bf16 model's float32 re-run through the split GEMM (emulated) against the float32 weight copies."""
+    model, processor = load_model(SHAPES_CHECKPOINT, dtype="bfloat16")
+    adapter = get_adapter(model, processor)
+    batch = _batch(adapter, 2)
+    cast = run_trace(adapter, batch)
+    calls = []
+    monkeypatch.setattr(precision, "_FP32_OUT_GEMM", {torch.device("cpu"): True})
+    monkeypatch.setattr(precision, "fp32_out_gemm", _emulated_fp32_out_gemm(calls))
+    split = run_trace(adapter, batch)
+    t = batch.answer_ids.shape[1]
+    assert calls and all(rows == 3 * 2 * t for rows, _ in calls)  # every re-run linear, forward and backward
+    # measured 4.8e-7 of the largest gradient; two bf16 parts instead of three give 2.7e-6, one 2.6e-3
+    scale = cast.grads.abs().max()
+    assert scale > 1e-3
+    assert (split.grads - cast.grads).abs().max() <= 1.5e-6 * scale
+    assert (split.logit_lens - cast.logit_lens).abs().max() <= 1.5e-6 * cast.logit_lens.abs().max()
