@@ -1,9 +1,9 @@
 """Every shipped predict config fits an 80 GB GPU by the trace's memory model, the weights counted.
 
 Each config (``configs/demo.yaml``, ``configs/paper/**``, ``configs/ablations/*``, and each
-``configs/data/*.yaml`` composed on the predict config) and each of its grid variants is read as the
-CLI composes it (later files override earlier ones). Its trace batch is what the module would use on
-an 80 GB GPU: ``model.init_args.trace_batch`` if set, else what
+``configs/data/*.yaml`` on the predict defaults) and each of its grid variants is read by the CLI's own
+parser, as its header's command composes it (later files override earlier ones). Its trace batch is
+what the module would use on an 80 GB GPU: ``model.init_args.trace_batch`` if set, else what
 :func:`dexar.trace.memory.samples_per_trace` fits beside the weights; at batch size or fewer samples.
 A config fails when even that trace does not fit: one sample too big, or a ``trace_batch`` too large.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
 
 from dexar.methods import build_method
 from dexar.pipeline import experiments as grid
@@ -31,42 +31,44 @@ from dexar.trace.memory import (
     samples_per_trace,
     trace_peak_bytes,
 )
+from train_eval import DEFAULT_CONFIGS, DexarCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_BYTES = 80 * 10**9
 PROMPT_TOKENS = 64
 """Text tokens besides the image and the answer (chat template and prompt; the paper's prompts are short)."""
-PREDICT_BASE = next(
-    p for p in (ROOT / "configs" / "base" / "predict.yaml", ROOT / "configs" / "demo.yaml") if p.exists()
-)
 CONFIGS = [ROOT / "configs" / "demo.yaml", *sorted((ROOT / "configs" / "paper").rglob("*.yaml"))]
 CONFIGS += sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 
 
-REPLACED = ("methods", "metrics")
-"""Dict-valued arguments a later config replaces whole (jsonargparse does not merge their keys)."""
+class _ParseOnly(DexarCLI):
+    """The predict CLI's parser, default configs and composition, with nothing instantiated (no checkpoint loads)."""
 
+    def before_instantiate_classes(self) -> None:
+        """Skip the data and checkpoint checks: the paper's datasets and checkpoints are not on this machine."""
 
-def _merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base`` as the CLI composes ``--config`` files: nested sections merge, a new class replaces."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        old = out.get(key)
-        nested = isinstance(value, dict) and isinstance(old, dict) and key not in REPLACED
-        if nested and value.get("class_path", old.get("class_path")) == old.get("class_path"):
-            out[key] = _merge(old, value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    def instantiate_classes(self) -> None:
+        """Parse only."""
 
 
 def _composed(path: Path) -> dict:
-    """``path`` composed as its header's command runs it (``experiments.composition``), on the predict base."""
-    config: dict = {}
-    for part in dict.fromkeys([PREDICT_BASE, *map(Path, grid.composition(path))]):
-        config = _merge(config, yaml.safe_load(part.read_text()) or {})
-    return config
+    """``path`` as its header's command runs it (``experiments.composition``), parsed by the CLI's own parser.
+
+    ``train_eval.py predict`` reads its default configs (``configs/base/predict.yaml``, ``configs/demo.yaml``)
+    first, then each ``--config`` in order.
+    """
+    args = [arg for part in grid.composition(path) for arg in ("--config", str(part))]
+    cli = _ParseOnly(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"default_config_files": DEFAULT_CONFIGS["predict"]},
+        run=False,
+        args=args,
+    )
+    return cli.config.as_dict()
 
 
 def _variants(config: dict) -> list[tuple[str, dict]]:
@@ -125,7 +127,7 @@ def _cases() -> list[tuple[str, dict]]:
         for slug, config in _variants(_composed(path)):
             cases.append((f"{path.relative_to(ROOT)}{':' + slug if slug else ''}", config))
     for path in DATA_CONFIGS:
-        cases.append((f"{PREDICT_BASE.relative_to(ROOT)} + {path.relative_to(ROOT)}", _composed(path)))
+        cases.append((f"predict + {path.relative_to(ROOT)}", _composed(path)))
     return cases
 
 
