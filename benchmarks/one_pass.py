@@ -8,7 +8,10 @@ the forward, the backbone forward and explain alternately, ``--repeats`` rounds:
 taken within the round, so load changes on a shared machine hit both sides alike (separate processes
 measured minutes apart swung 1.12–1.63× on this machine); the median round and the range are printed.
 
-    python benchmarks/one_pass.py [--repeats 5] [--answer-tokens 20] [--threads 2]
+With ``--paired-runs K`` the alternated measurement runs in K fresh processes: the median of one run
+moves by about ±0.03 between processes on this machine, so the median over runs is the figure to quote.
+
+    python benchmarks/one_pass.py [--repeats 5] [--paired-runs 1] [--answer-tokens 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -111,19 +114,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--answer-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paired-runs", type=int, default=1, help="processes for the alternated measurement")
     parser.add_argument("--variant", choices=(*VARIANTS, "paired"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(_run_variant(args.variant, args.repeats, args.answer_tokens, args.threads)))
         return
-    rows = {}
-    for name in (*VARIANTS, "paired"):
+
+    def run(name: str) -> dict:
         cmd = [sys.executable, __file__, "--variant", name, "--repeats", str(args.repeats)]
         cmd += ["--answer-tokens", str(args.answer_tokens), "--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        rows[name] = json.loads(out.strip().splitlines()[-1])
-    paired = rows.pop("paired")["ratios"]
+        return json.loads(out.strip().splitlines()[-1])
+
+    rows = {name: run(name) for name in VARIANTS}
+    runs = [run("paired")["ratios"] for _ in range(max(1, args.paired_runs))]
+    paired = runs[0]
     ref = rows["forward"]
     print(f"sequence: {ref['tokens']} tokens, {args.answer_tokens} answer tokens, {args.threads} threads")
     print(f"{'variant':<18}{'seconds':>10}{'× forward':>11}{'peak MiB':>10}{'× forward':>11}")
@@ -136,6 +143,13 @@ def main() -> None:
     for name, values in paired.items():
         if name != "forward":
             print(f"  {name:<18}{statistics.median(values):>6.2f}  {min(values):.2f}–{max(values):.2f}")
+    if len(runs) > 1:
+        print(f"the same in {len(runs)} processes (× forward: each run's median; the median of them):")
+        for name in paired:
+            if name != "forward":
+                medians = [statistics.median(r[name]) for r in runs]
+                listed = " / ".join(f"{m:.3f}" for m in medians)
+                print(f"  {name:<18}{listed}  median {statistics.median(medians):.3f}")
 
 
 if __name__ == "__main__":
