@@ -35,6 +35,12 @@ def _norm_in_own_precision(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def _norm_one_plus_w(self, hidden_states):
+    """Gemma's RMS norm (scaling by ``1 + w``) under LLaMA's names: off the formula the checks accept."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return (1 + self.weight) * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
 def test_block_backward_equals_the_reference_in_float64(tiny64, samples, monkeypatch):
     """A float64 GQA LLaVA whose norms compute in float64, padded batch: ≤ 1e-10 from the naive reference."""
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _norm_in_own_precision)
@@ -72,12 +78,7 @@ def test_float64_model_with_float32_norms_keeps_the_rerun(tiny64, samples):
 def test_lens_gradient_by_formula_equals_autograd(samples, monkeypatch, norm):
     """The lens' written-out gradient at padded float32 rows equals autograd's; a 1 + w norm is refused."""
     if norm == "one_plus_w":
-
-        def one_plus_w(self, hidden_states):
-            variance = hidden_states.pow(2).mean(-1, keepdim=True)
-            return (1 + self.weight) * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-        monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", one_plus_w)
+        monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _norm_one_plus_w)
     model, processor = random_llava(hidden=64, layers=2, heads=4, kv_heads=2, grid=4, dtype=torch.float32, seed=5)
     adapter = get_adapter(model, processor)
     answer_ids = torch.tensor([[3, 7, 11, -1], [-1, -1, 5, 9]])
@@ -110,12 +111,7 @@ def test_float32_block_backward_tracks_the_rerun(samples, monkeypatch):
 
 def test_a_block_off_the_formula_keeps_the_rerun(tiny64, samples, monkeypatch):
     """A norm scaling by 1 + w (Gemma's) under LLaMA's names fails the check; the trace is still exact."""
-
-    def one_plus_w(self, hidden_states):
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return (1 + self.weight) * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", one_plus_w)
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _norm_one_plus_w)
     adapter = get_adapter(*tiny64)
     batch = make_batch(adapter, samples[:2], [5, 7])
     _forget(adapter)
