@@ -98,8 +98,11 @@ def wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     is read once in bf16 (2 bytes per parameter) instead of cast to a float32 copy and read again (10).
     Elsewhere (the CPU), the weight is cast.
     """
-    if not _splits(x, weight):
-        return x @ weight.to(x.dtype)
+    return _split_matmul(x, weight) if _splits(x, weight) else x @ weight.to(x.dtype)
+
+
+def _split_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`wide_matmul`'s split GEMM (the caller checked :func:`_splits`)."""
     parts = split_bf16(x).reshape(-1, x.shape[-1])
     out = fp32_out_gemm(parts, weight).view(3, *x.shape[:-1], weight.shape[-1])
     return (out[0] + out[1]) + out[2]
@@ -115,7 +118,7 @@ class _WideLinear(torch.autograd.Function):
         bias = None if bias is None else bias.to(x.dtype)
         if not _splits(x, weight):
             return F.linear(x, weight.to(x.dtype), bias)
-        out = wide_matmul(x, weight.t())
+        out = _split_matmul(x, weight.t())
         return out if bias is None else out + bias
 
     @staticmethod
