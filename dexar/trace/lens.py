@@ -43,6 +43,7 @@ class LogitLens:
         self.unembed = adapter.unembedding.weight[ids].to(self.work)  # (B, T, D)
         bias = getattr(adapter.unembedding, "bias", None)
         self.bias = None if bias is None else bias[ids].to(self.work)
+        self.rms_norm = RMSNorm.of(adapter.final_norm)  # the gradient by formula, if the norm computes it
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` the lens of ``(B, T, D)`` output rows ``p_t``, 0 on padding slots (differentiable)."""
@@ -61,7 +62,7 @@ class LogitLens:
         these rows' dtype, else autograd.
         """
         hidden = hidden.detach()
-        norm = RMSNorm.of(self.adapter.final_norm)
+        norm = self.rms_norm
         if norm is not None and hidden.dtype == self.work and self._formula(norm, hidden):
             with torch.no_grad():
                 values = self(hidden)
